@@ -1,0 +1,36 @@
+"""UL2 encoder-decoder (gated-silu) trained with the mixture of denoisers.
+
+Presets: tiny (tests), small, base, 20b (32+32 layers, d_model 4096, d_ff 16384,
+16 heads x 256, as published).
+"""
+from t5lab.config import schema
+
+# name: (d_model, d_ff, num_heads, head_dim, num_layers)
+SIZES = {
+    "tiny": (64, 160, 4, 16, 2),
+    "small": (512, 1536, 8, 64, 8),
+    "base": (768, 2048, 12, 64, 12),
+    "20b": (4096, 16384, 16, 256, 32),
+}
+
+
+def get_config(arg: str = "small"):
+    if arg not in SIZES:
+        raise ValueError(f"configs/ul2.py: unknown preset {arg!r}; one of {sorted(SIZES)}")
+    c = schema()
+    m = c.model
+    m.arch = "encoder_decoder"
+    m.d_model, m.d_ff, m.num_heads, m.head_dim, m.num_layers = SIZES[arg]
+    m.activation, m.gated_mlp = "silu", True
+    m.vocab_size = 512 if arg == "tiny" else 32128
+    c.data.objective = "ul2"
+    if arg == "tiny":
+        c.data.inputs_length, c.data.targets_length = 64, 32
+        c.train.batch_size, c.train.steps = 8, 20
+    else:
+        c.data.inputs_length, c.data.targets_length = 512, 512
+        c.train.batch_size, c.train.steps = 1024, 1_000_000
+        c.optim.name, c.optim.schedule = "adafactor", "rsqrt"
+        c.optim.learning_rate, c.optim.warmup_steps = 1e-2, 10_000
+        m.dtype, m.scan_layers = "bfloat16", True
+    return c
