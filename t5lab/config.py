@@ -107,7 +107,8 @@ def schema() -> ml_collections.ConfigDict:
     t.eval_every = 100           # 0 disables evaluation
     t.eval_steps = 4
     t.peak_tflops_per_device = 0.0  # for MFU; 0 uses a table by device kind
-    t.stop_on_nonfinite = True
+    t.stop_on_nonfinite = True   # a NaN/inf loss stops the run; the last good checkpoint stays
+    t.stop_at_step = 0           # >0: save and stop there without changing the schedule (job time limits)
 
     # ----------------------------------------------------------- checkpoint
     k = c.checkpoint = ml_collections.ConfigDict()
@@ -225,6 +226,30 @@ def load(spec: str | None, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
             raise ConfigError(f"override {item!r}: expected key=value")
         set_key(cfg, key, value)
     return validate(cfg)
+
+
+def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, dict[str, str]]:
+    """`--config FILE[:preset]`, `--config.a.b=value` (or `--config.a.b value`) and
+    other `--flag value` pairs -> (validated config, {flag: value})."""
+    spec, overrides, flags = None, [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{name} needs a value")
+            value, i = argv[i + 1], i + 1
+        if name == "config":
+            spec = value
+        elif name.startswith("config."):
+            overrides.append(f"{name[len('config.'):]}={value}")
+        else:
+            flags[name.replace("-", "_")] = value
+        i += 1
+    return load(spec, overrides), flags
 
 
 def set_key(cfg, dotted: str, text: str):

@@ -1,0 +1,63 @@
+"""`t5lab train|export`: the command line. Errors from bad input print one
+line naming the key or file and exit with status 2, with nothing written.
+
+    t5lab train [--config FILE.py[:preset]] [--workdir DIR] [--config.KEY=VALUE ...]
+    t5lab export --workdir DIR [--out DIR] [--step N]
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+USAGE = __doc__.split("\n\n", 1)[1]
+
+
+def _export(argv: list[str]) -> None:
+    from t5lab import checkpointing, config as config_lib, hf
+    _, flags = config_lib.parse_args(argv)
+    unknown = set(flags) - {"workdir", "out", "step"}
+    if unknown or "workdir" not in flags:
+        raise config_lib.ConfigError("usage: t5lab export --workdir DIR [--out DIR] [--step N]")
+    workdir = flags["workdir"]
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path}: not a t5lab workdir (no config.json)")
+    config = config_lib.schema()
+    with open(cfg_path) as f:
+        saved = json.load(f)
+    for group, values in saved.items():
+        for key, value in values.items():
+            config[group][key] = value
+    step = int(flags["step"]) if "step" in flags else None
+    params = checkpointing.restore_params(workdir, config, step=step)
+    out = flags.get("out", os.path.join(workdir, "hf"))
+    spm = os.path.join(workdir, "tokenizer.model")
+    hf.save_pretrained(params, config, out, spm_model=spm if os.path.exists(spm) else None)
+    print(f"wrote {out}: load it with transformers' from_pretrained({out!r})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    from t5lab import checkpointing, config as config_lib
+    try:
+        if command == "train":
+            from t5lab import train
+            train.main(rest)
+        elif command == "export":
+            _export(rest)
+        else:
+            print(f"t5lab: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+            return 2
+    except (config_lib.ConfigError, checkpointing.CheckpointMismatch, FileNotFoundError) as e:
+        print(f"t5lab: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Where metrics go: DIR/metrics.jsonl, TensorBoard event files (written here
+without TensorFlow), and a progress line on the terminal. Plus the model-FLOPs
+count behind MFU. Only process 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import struct
+import sys
+import time
+
+# Peak dense bf16 TFLOP/s per device, for MFU when config.train.peak_tflops_per_device is 0.
+PEAK_TFLOPS = {
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
+    "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
+    "NVIDIA H100": 989.0, "NVIDIA A100": 312.0,
+}
+
+
+def peak_tflops(device_kind: str, configured: float) -> float | None:
+    if configured > 0:
+        return configured
+    for prefix, value in PEAK_TFLOPS.items():
+        if device_kind.startswith(prefix):
+            return value
+    return None
+
+
+def model_flops_per_step(model_cfg, num_params: dict, enc_tokens: int, dec_tokens: int,
+                         enc_len: int, dec_len: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of the matmuls the model
+    asks for, without recomputation: 6 * params touched per token, plus attention
+    scores and values (2 matmuls of length x head dims, causal or not counted in full).
+
+    num_params: {"encoder": n, "decoder": n, "head": n} matmul parameters per stack."""
+    hd = model_cfg.num_heads * model_cfg.head_dim
+    dec_layers = model_cfg.num_decoder_layers if model_cfg.num_decoder_layers > 0 else model_cfg.num_layers
+    flops = 6.0 * (num_params.get("encoder", 0) * enc_tokens
+                   + (num_params.get("decoder", 0) + num_params.get("head", 0)) * dec_tokens)
+    flops += 12.0 * model_cfg.num_layers * hd * enc_len * enc_tokens if enc_tokens else 0.0
+    if dec_tokens:
+        flops += 12.0 * dec_layers * hd * dec_len * dec_tokens
+        if model_cfg.arch == "encoder_decoder":  # cross-attention reads the encoder
+            flops += 12.0 * dec_layers * hd * enc_len * dec_tokens
+    return flops
+
+
+# ------------------------------------------------------------------ TensorBoard
+def _crc32c_table():
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    c = crc32c(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(num: int, wire: int, payload: bytes) -> bytes:
+    return _varint((num << 3) | wire) + payload
+
+
+def _len_field(num: int, data: bytes) -> bytes:
+    return _field(num, 2, _varint(len(data)) + data)
+
+
+def encode_event(step: int, wall_time: float, scalars: dict | None = None,
+                 file_version: str | None = None) -> bytes:
+    """A tensorflow.Event protobuf: wall_time=1 (double), step=2, file_version=3,
+    summary=5 { value=1 { tag=1, simple_value=2 (float) } }."""
+    ev = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
+    if file_version:
+        ev += _len_field(3, file_version.encode())
+    if scalars:
+        values = b"".join(
+            _len_field(1, _len_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
+            for tag, v in scalars.items())
+        ev += _len_field(5, values)
+    return ev
+
+
+def tfrecord(data: bytes) -> bytes:
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+
+
+class MetricWriter:
+    """JSONL + TensorBoard for process 0; a no-op elsewhere."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        tb_dir = os.path.join(workdir, "tensorboard")
+        os.makedirs(tb_dir, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self._tb = open(os.path.join(tb_dir, name), "ab")
+        self._tb.write(tfrecord(encode_event(0, time.time(), file_version="brain.Event:2")))
+
+    def write(self, step: int, scalars: dict):
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items() if v is not None}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        finite = {k: v for k, v in clean.items() if math.isfinite(v)}
+        self._tb.write(tfrecord(encode_event(step, time.time(), finite)))
+        self._tb.flush()
+
+    def close(self):
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+class Progress:
+    """One updating line with ETA on a terminal; plain lines otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True, stream=None):
+        self.total, self.start, self.enabled = total, start, enabled
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.t0 = time.time()
+
+    def update(self, step: int, scalars: dict):
+        if not self.enabled:
+            return
+        done = step - self.start
+        elapsed = time.time() - self.t0
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        keys = ("loss", "accuracy", "lr", "tokens_per_s", "mfu")
+        text = " ".join(f"{k}={_fmt(scalars[k])}" for k in keys if scalars.get(k) is not None)
+        line = f"step {step}/{self.total} {text} eta {_hms(eta)}"
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str):
+        if self.enabled:
+            self.stream.write(("\n" if self.tty else "") + text + "\n")
+            self.stream.flush()
+
+
+def _fmt(v) -> str:
+    v = float(v)
+    return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

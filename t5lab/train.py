@@ -1,0 +1,283 @@
+"""The training loop: config + workdir in, checkpoints and metrics out.
+
+    python -m t5lab.train --config configs/ul2.py:tiny --workdir runs/x [--config.key=value ...]
+
+Order of business: validate everything (config, data, tokenizer, checkpoint
+shapes) before anything is written; then resume from the workdir's latest
+checkpoint (train state and data position), or start from a Hugging Face
+checkpoint, or from random init; train; save on schedule, on SIGTERM/SIGINT
+and at the end.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+from t5lab import checkpointing, config as config_lib, metrics as metrics_lib, sharding
+from t5lab.train_step import build_program, global_batch, num_denoisers, params_by_stack
+
+log = logging.getLogger("t5lab")
+
+ARCH_KEYS = ("arch", "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers",
+             "num_decoder_layers", "activation", "gated_mlp", "position", "relpos_buckets",
+             "relpos_max_distance", "relpos_per_layer", "tie_embeddings")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop saves and exits at the next step."""
+
+    def __init__(self):
+        self.raised = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def agreed(self) -> bool:
+        """All processes stop together: one process's signal stops them all."""
+        mine = self.raised is not None
+        if jax.process_count() == 1:
+            return mine
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.int32(mine))))
+
+
+def _prepare_tokenizer(config, workdir: str) -> str:
+    from t5lab.data import tokenizer as tok_lib
+    path = tok_lib.resolve(config)
+    size = tok_lib.Tokenizer(path).vocab_size
+    if size > config.model.vocab_size:
+        raise config_lib.ConfigError(
+            f"config.model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's "
+            f"{size} pieces ({path})")
+    return path
+
+
+def _check_workdir_config(workdir: str, config) -> None:
+    saved = os.path.join(workdir, "config.json")
+    if not os.path.exists(saved):
+        return
+    with open(saved) as f:
+        old = json.load(f)["model"]
+    for key in ARCH_KEYS:
+        if key in old and old[key] != config.model[key]:
+            raise checkpointing.CheckpointMismatch(
+                f"{workdir} holds a run with config.model.{key}={old[key]!r}, but this config has "
+                f"{config.model[key]!r}. Use another --workdir, or the same model keys to resume.")
+
+
+def _params_from_hf(config, program):
+    from t5lab import hf
+    params, hf_cfg = hf.load_pretrained(config.init.from_hf)
+    for key in ARCH_KEYS:
+        if hf_cfg.model[key] != config.model[key]:
+            raise config_lib.ConfigError(
+                f"config.model.{key}: is {config.model[key]!r} but the Hugging Face checkpoint "
+                f"{config.init.from_hf} has {hf_cfg.model[key]!r}")
+    shardings = program.state_shardings["params"]
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx: np.asarray(a)[idx]),
+        params, shardings)
+
+
+def run(config, workdir: str, *, progress: bool = True) -> dict:
+    """Trains to config.train.steps (or train.stop_at_step); returns the last metrics."""
+    sharding.initialize_distributed()
+    config_lib.validate(config)
+    from t5lab.data import pipeline
+    from t5lab.data.denoising import DENOISER_NAMES
+
+    workdir = os.path.abspath(workdir)
+    is_main = jax.process_index() == 0
+    # ---- everything that can fail on bad input, before anything is written
+    _check_workdir_config(workdir, config)
+    tok_path = _prepare_tokenizer(config, workdir)
+    train_ds = pipeline.make_dataset(config, "train", tokenizer_path=tok_path)
+    mesh = sharding.make_mesh(config.mesh)
+    program = build_program(config, mesh)
+    ckpts = checkpointing.Checkpoints(workdir, config.checkpoint)
+    data_iter = iter(train_ds)
+    latest = ckpts.latest_step()
+    if latest is not None:
+        state = ckpts.restore(latest, program.abstract_state, data_iter)
+        origin = f"resumed from {ckpts.root}/{latest}"
+    elif config.init.from_hf:
+        state = program.init_state(jax.random.key(config.train.seed))
+        state["params"] = _params_from_hf(config, program)
+        origin = f"initialised from Hugging Face checkpoint {config.init.from_hf}"
+    else:
+        state = program.init_state(jax.random.key(config.train.seed))
+        origin = "initialised at random"
+
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        if not os.path.exists(os.path.join(workdir, "tokenizer.model")):
+            shutil.copyfile(tok_path, os.path.join(workdir, "tokenizer.model"))
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    start = int(jax.device_get(state["step"]))
+    end = config.train.stop_at_step or config.train.steps
+    bar = metrics_lib.Progress(config.train.steps, start, enabled=is_main and progress)
+    bar.message(f"t5lab: {config.model.arch} model, {_count(state['params']) / 1e6:.2f}M params, "
+                f"mesh {dict(mesh.shape)} on {jax.device_count()} devices "
+                f"({jax.process_count()} processes); {origin}")
+
+    flops_per_step = _model_flops(config, state["params"])
+    peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind,
+                                   config.train.peak_tflops_per_device)
+    n_den = num_denoisers(config)
+    names = DENOISER_NAMES if n_den else ()
+    window, last = [], {}
+    t_window = time.time()
+    pending = None  # (step, device metrics): read one step late so dispatch never waits
+
+    def finish(step_done: int, m_dev):
+        nonlocal t_window, window, last
+        m = jax.device_get(m_dev)
+        if config.train.stop_on_nonfinite and not np.isfinite(m["loss"]):
+            raise NonFiniteLoss(f"step {step_done}: loss is {m['loss']}; stopped. The last "
+                                f"good checkpoint is kept in {ckpts.root}")
+        window.append(m)
+        if step_done % config.train.log_every == 0 or step_done == end:
+            dt = (time.time() - t_window) / len(window)
+            last = _window_summary(window, names, dt, config, flops_per_step, peak)
+            writer.write(step_done, last)
+            bar.update(step_done, last)
+            window, t_window = [], time.time()
+
+    with _StopFlag() as stop:
+        step = start
+        try:
+            while step < end:
+                batch = global_batch(next(data_iter), program.batch_sharding)
+                state, m_dev = program.train_step(state, batch)
+                if pending is not None:
+                    finish(*pending)
+                step += 1
+                pending = (step, m_dev)
+                if config.train.eval_every and step % config.train.eval_every == 0:
+                    finish(*pending)
+                    pending = None
+                    ev = evaluate(config, program, state["params"], tok_path, names)
+                    writer.write(step, ev)
+                    bar.message(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+                if stop.agreed():
+                    finish(*pending)
+                    pending = None
+                    ckpts.save(step, state, data_iter, force=True)
+                    ckpts.close()
+                    bar.message(f"{stop.raised or 'stop'} received: saved step {step} to "
+                                f"{ckpts.root}; run the same command to resume.")
+                    writer.close()
+                    return last
+                if config.checkpoint.every and step % config.checkpoint.every == 0:
+                    finish(*pending)  # never save a state whose loss was not finite
+                    pending = None
+                    ckpts.save(step, state, data_iter)
+            if pending is not None:
+                finish(*pending)
+        except NonFiniteLoss:
+            ckpts.close()
+            writer.close()
+            raise
+        ckpts.save(step, state, data_iter, force=True)
+        ckpts.close()
+    writer.close()
+    bar.message(f"done: step {step}. Checkpoint: {ckpts.root}/{step}\n"
+                f"Export to Hugging Face: t5lab export --workdir {workdir} --out {workdir}/hf")
+    return last
+
+
+def evaluate(config, program, params, tok_path: str, names) -> dict:
+    from t5lab.data import pipeline
+    it = iter(pipeline.make_dataset(config, "eval", tokenizer_path=tok_path))
+    total = None
+    for _ in range(config.train.eval_steps):
+        sums = jax.device_get(program.eval_step(params, global_batch(next(it), program.batch_sharding)))
+        total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
+    w = max(float(total["weight"]), 1.0)
+    out = {"eval/loss": float(total["ce"]) / w, "eval/accuracy": float(total["correct"]) / w}
+    for i, name in enumerate(names):
+        if total["den_weight"][i] > 0:
+            out[f"eval/loss_{name}"] = float(total["den_ce"][i] / total["den_weight"][i])
+    return out
+
+
+def _window_summary(window, names, step_s, config, flops_per_step, peak) -> dict:
+    mean = {k: float(np.mean([m[k] for m in window])) for k in
+            ("loss", "z_loss", "accuracy", "grad_norm", "lr", "nonpad_fraction")}
+    if names:
+        den_ce = np.sum([m["denoiser_loss"] * m["denoiser_tokens"] for m in window], axis=0)
+        den_w = np.sum([m["denoiser_tokens"] for m in window], axis=0)
+        for i, name in enumerate(names):
+            if den_w[i] > 0:
+                mean[f"loss_{name}"] = float(den_ce[i] / den_w[i])
+    tokens = config.train.batch_size * _row_tokens(config)
+    mean["step_s"] = step_s
+    mean["tokens_per_s"] = tokens / step_s
+    mean["nonpad_tokens_per_s"] = tokens * mean["nonpad_fraction"] / step_s
+    if peak:
+        mean["mfu"] = flops_per_step / step_s / (jax.device_count() * peak * 1e12)
+    return mean
+
+
+def _row_tokens(config) -> int:
+    d = config.data
+    if config.model.arch == "encoder_decoder":
+        return d.inputs_length + d.targets_length
+    if config.model.arch == "decoder":
+        return d.inputs_length + d.targets_length
+    return d.inputs_length
+
+
+def _model_flops(config, params) -> float:
+    m, d, b = config.model, config.data, config.train.batch_size
+    counts = params_by_stack(params)
+    if m.tie_embeddings:
+        counts["head"] += m.vocab_size * m.d_model
+    if m.arch == "encoder_decoder":
+        enc_len, dec_len = d.inputs_length, d.targets_length
+    elif m.arch == "decoder":
+        enc_len, dec_len = 0, d.inputs_length + d.targets_length
+    else:
+        enc_len, dec_len = d.inputs_length, 0
+        counts["encoder"] += counts.pop("head")
+    return metrics_lib.model_flops_per_step(m, counts, b * enc_len, b * dec_len, enc_len, dec_len)
+
+
+def _count(params) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def main(argv=None):
+    config, flags = config_lib.parse_args(sys.argv[1:] if argv is None else argv)
+    unknown = set(flags) - {"workdir"}
+    if unknown:
+        raise config_lib.ConfigError(f"unknown flag --{sorted(unknown)[0]}")
+    run(config, flags.get("workdir", "runs/default"))
+
+
+if __name__ == "__main__":
+    main()
