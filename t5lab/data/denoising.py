@@ -1,0 +1,267 @@
+"""Pretraining objectives as pure numpy functions of (tokens, rng).
+
+Span corruption follows T5 (t5/data/preprocessors.py) exactly:
+random_spans_noise_mask, sentinels counting down from <extra_id_0>, EOS appended
+to inputs and targets, and random_spans_helper as `span_lengths`. UL2 (Tay et
+al. 2022) mixes seven denoisers; its mode token takes one input position.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+    name: str
+    mode: str               # UL2 paradigm token prepended to the inputs
+    mean_span: float = 0.0  # mean noise span length (t5x: mean_noise_span_length)
+    density: float = 0.0    # noise density
+    prefix_lm: bool = False
+
+
+UL2_DENOISERS = (
+    Denoiser("R3", "[NLU]", 3, 0.15),
+    Denoiser("R8", "[NLU]", 8, 0.15),
+    Denoiser("X3", "[NLG]", 3, 0.5),
+    Denoiser("X8", "[NLG]", 8, 0.5),
+    Denoiser("X64_15", "[NLG]", 64, 0.15),
+    Denoiser("X64_50", "[NLG]", 64, 0.5),
+    Denoiser("S", "[S2S]", prefix_lm=True),
+)
+DENOISER_NAMES = tuple(d.name for d in UL2_DENOISERS)
+OBJECTIVES = ("ul2", "span_corruption", "prefix_lm", "causal_lm", "mlm")
+# Shortest document (or document tail) turned into an example; shorter ones are
+# counted and skipped: T5's mask needs 2 tokens to have a noise and a clean part.
+MIN_TOKENS = 2
+
+
+# ------------------------------------------------------------ T5 span corruption
+def noise_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+    """(num_noise_tokens, num_noise_spans) as random_spans_noise_mask computes
+    them: float32 products, round-half-to-even, clamped to [1, length-1] and >= 1."""
+    length = max(length, 2)
+    n = int(np.round(np.float32(length) * np.float32(noise_density)))
+    n = min(max(n, 1), length - 1)
+    s = max(int(np.round(np.float32(n) / np.float32(mean_span_length))), 1)
+    return n, s
+
+
+def _random_segmentation(num_items: int, num_segments: int, rng, batch: int) -> np.ndarray:
+    """[batch, num_segments] positive lengths summing to num_items, every
+    segmentation equally likely (T5: shuffle of num_segments-1 boundary markers)."""
+    if num_segments == 1:
+        return np.full((batch, 1), num_items, np.int64)
+    keys = rng.random((batch, num_items - 1))
+    cuts = np.sort(np.argpartition(keys, num_segments - 2, axis=1)[:, :num_segments - 1], axis=1) + 1
+    bounds = np.concatenate([np.zeros((batch, 1), np.int64), cuts, np.full((batch, 1), num_items)], axis=1)
+    return np.diff(bounds, axis=1)
+
+
+def random_spans_noise_mask(length: int, noise_density: float, mean_span_length: float, rng,
+                            batch: int | None = None) -> np.ndarray:
+    """Bool noise mask [length] (or [batch, length]): alternating clean and noise
+    spans, starting clean, with T5's counts (see noise_counts)."""
+    b = 1 if batch is None else batch
+    orig, length = length, max(length, 2)
+    n, s = noise_counts(length, noise_density, mean_span_length)
+    noise = _random_segmentation(n, s, rng, b)
+    clean = _random_segmentation(length - n, s, rng, b)
+    starts = np.cumsum(np.stack([clean, noise], axis=2).reshape(b, 2 * s), axis=1)[:, :-1]
+    indicator = np.zeros((b, length), np.int32)
+    np.put_along_axis(indicator, starts, 1, axis=1)
+    mask = (np.cumsum(indicator, axis=1) % 2 == 1)[:, :orig]
+    return mask if batch is not None else mask[0]
+
+
+def span_lengths(inputs_length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+    """T5's random_spans_helper: (raw_tokens_length, targets_length) such that
+    span-corrupting raw_tokens_length tokens fills inputs_length (with EOS)."""
+    def lengths(tokens_length):
+        noise = int(round(tokens_length * noise_density))
+        spans = int(round(noise / mean_span_length))
+        return tokens_length - noise + spans + 1, noise + spans + 1
+
+    tokens_length = inputs_length - 1
+    while lengths(tokens_length + 1)[0] <= inputs_length:
+        tokens_length += 1
+    inputs, targets = lengths(tokens_length)
+    if noise_density == 0.5 and targets > inputs:  # T5's hack to keep targets <= inputs
+        tokens_length -= 1
+        targets -= 1
+    return tokens_length, targets
+
+
+def _spans_to_sentinels(tokens: np.ndarray, mask: np.ndarray, sentinel0: int) -> np.ndarray:
+    """T5 noise_span_to_unique_sentinel on [B, L]: each masked span becomes one
+    sentinel, <extra_id_0> first, counting down."""
+    prev = np.zeros_like(mask)
+    prev[:, 1:] = mask[:, :-1]
+    first = mask & ~prev
+    out = np.where(first, sentinel0 + 1 - np.cumsum(first, axis=1), tokens)
+    keep = ~(mask & prev)
+    return out[keep].reshape(len(tokens), -1)  # same count per row: counts depend on L only
+
+
+def span_corruption(tokens: np.ndarray, rng, noise_density: float, mean_span_length: float,
+                    sentinel0: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, L] raw tokens -> (inputs [B, Li], targets [B, Lt]), each ending in EOS."""
+    b, length = tokens.shape
+    mask = random_spans_noise_mask(length, noise_density, mean_span_length, rng, batch=b)
+    eos = np.full((b, 1), eos_id, tokens.dtype)
+    inputs = _spans_to_sentinels(tokens, mask, sentinel0)
+    targets = _spans_to_sentinels(tokens, ~mask, sentinel0)
+    return np.concatenate([inputs, eos], 1), np.concatenate([targets, eos], 1)
+
+
+def bert_mask(tokens: np.ndarray, rng, probability: float, mask_id: int, random_low: int,
+              random_high: int) -> tuple[np.ndarray, np.ndarray]:
+    """BERT MLM on [B, L]: exactly max(1, round(L * p)) positions per row are
+    selected; of those 80% -> mask_id, 10% -> a random ordinary token, 10% kept.
+    Returns (inputs, selected)."""
+    b, length = tokens.shape
+    k = max(1, int(round(length * probability)))
+    pos = np.argpartition(rng.random((b, length)), k - 1, axis=1)[:, :k]
+    selected = np.zeros((b, length), bool)
+    np.put_along_axis(selected, pos, True, axis=1)
+    u = rng.random((b, length))
+    random_tokens = rng.integers(random_low, random_high, (b, length), dtype=tokens.dtype)
+    inputs = np.where(selected & (u < 0.8), mask_id, tokens)
+    inputs = np.where(selected & (u >= 0.8) & (u < 0.9), random_tokens, inputs)
+    return inputs, selected
+
+
+# ------------------------------------------------------------------ objectives
+@dataclasses.dataclass
+class Example:
+    """One example before packing. decoder arch: sequence = inputs ++ targets
+    with loss on targets; encoder arch: weights marks the MLM positions."""
+    inputs: np.ndarray
+    targets: np.ndarray
+    denoiser: int = 0
+    weights: np.ndarray | None = None
+
+
+class Objective:
+    """Turns tokenized documents into examples that fit one packed row.
+
+    Documents are cut into chunks whose raw length is the longest the chosen
+    denoiser can turn into an example fitting the row (inputs_length and
+    targets_length for encoder-decoder, their sum for decoder-only).
+    """
+
+    def __init__(self, kind: str, arch: str, inputs_length: int, targets_length: int, *,
+                 eos_id: int, vocab_size: int, sentinel0: int = -1, num_sentinels: int = 0,
+                 mode_ids: dict | None = None, rates=None, noise_density: float = 0.15,
+                 mean_span_length: float = 3.0, mlm_probability: float = 0.15,
+                 first_ordinary_id: int = 6):
+        self.kind, self.arch = kind, arch
+        self.inputs_length, self.targets_length = inputs_length, targets_length
+        self.eos_id, self.sentinel0, self.num_sentinels = eos_id, sentinel0, num_sentinels
+        self.mlm_probability = mlm_probability
+        self.random_range = (first_ordinary_id, vocab_size - num_sentinels)
+        if kind == "ul2":
+            self.denoisers = UL2_DENOISERS
+            self.mode_ids = [mode_ids[d.mode] for d in UL2_DENOISERS]
+            rates = np.asarray(rates if rates is not None else [1.0] * 7, np.float64)
+            self.rates = rates / rates.sum()
+        elif kind in ("span_corruption", "prefix_lm"):
+            self.denoisers = (Denoiser(kind, "", mean_span_length, noise_density, kind == "prefix_lm"),)
+            self.mode_ids, self.rates = [None], np.ones(1)
+        else:
+            self.denoisers, self.mode_ids, self.rates = (), [None], np.ones(1)
+        self.raw_lengths = [self._raw_length(i) for i in range(max(1, len(self.denoisers)))]
+
+    # Lengths --------------------------------------------------------------
+    def _fits(self, i: int, length: int) -> bool:
+        d, mode = self.denoisers[i], int(self.mode_ids[i] is not None)
+        n, s = noise_counts(length, d.density, d.mean_span)
+        inputs, targets = mode + length - n + s + 1, n + s + 1
+        if s > self.num_sentinels:
+            return False
+        if self.arch == "decoder":
+            return inputs + targets <= self.inputs_length + self.targets_length
+        return inputs <= self.inputs_length and targets <= self.targets_length
+
+    def _raw_length(self, i: int) -> int:
+        total = self.inputs_length + self.targets_length
+        if self.kind == "causal_lm":
+            return total
+        if self.kind == "mlm":
+            return self.inputs_length - 1
+        d, mode = self.denoisers[i], int(self.mode_ids[i] is not None)
+        if d.prefix_lm:  # every split point in [1, L-1] must fit: inputs m+p+1, targets L-p+1
+            length = total - 2 - mode if self.arch == "decoder" else min(self.inputs_length - mode,
+                                                                         self.targets_length)
+        else:
+            length = 2
+            if not self._fits(i, length):
+                length = 0
+            # Fits is monotone up to rounding; step up while the next length fits.
+            while self._fits(i, length + 1) or self._fits(i, length + 2):
+                length += 1 if self._fits(i, length + 1) else 2
+        if length < MIN_TOKENS:
+            raise ValueError(f"config.data.inputs_length/targets_length "
+                             f"({self.inputs_length}/{self.targets_length}) leave no room for "
+                             f"{self.kind} {d.name} examples")
+        return length
+
+    # Examples -------------------------------------------------------------
+    def __call__(self, docs: list[np.ndarray], rng) -> tuple[list[Example], int]:
+        """Examples for a list of token arrays; returns (examples, skipped pieces)."""
+        if self.kind == "causal_lm":
+            eos = np.array([self.eos_id], np.int32)
+            docs = [np.concatenate([d, eos]) for d in docs]
+        # Every chunk but a document's last has >= MIN_TOKENS tokens: enough draws.
+        n = sum(len(d) for d in docs) // MIN_TOKENS + len(docs) + 1
+        choices = iter(rng.choice(len(self.rates), size=n, p=self.rates).tolist())
+        chunks, skipped = [], 0
+        for doc in docs:
+            if len(doc) < MIN_TOKENS:
+                skipped += 1
+                continue
+            pos = 0
+            while pos < len(doc):
+                i = next(choices)
+                piece = doc[pos:pos + self.raw_lengths[i]]
+                pos += len(piece)
+                if len(piece) < MIN_TOKENS:
+                    skipped += 1
+                else:
+                    chunks.append((i, piece))
+        out: list = [None] * len(chunks)
+        groups: dict = {}
+        for j, (i, piece) in enumerate(chunks):
+            groups.setdefault((i, len(piece)), []).append(j)
+        for (i, _), idx in groups.items():  # one vectorised call per (denoiser, length)
+            batch = np.stack([chunks[j][1] for j in idx])
+            for j, ex in zip(idx, self._examples(i, batch, rng)):
+                out[j] = ex
+        return out, skipped
+
+    def _examples(self, i: int, tokens: np.ndarray, rng) -> list[Example]:
+        b, length = tokens.shape
+        eos = np.full((b, 1), self.eos_id, np.int32)
+        if self.kind == "causal_lm":
+            return [Example(np.zeros(0, np.int32), t) for t in tokens]
+        if self.kind == "mlm":
+            inputs, selected = bert_mask(tokens, rng, self.mlm_probability, self.sentinel0,
+                                         *self.random_range)
+            inputs, targets = np.concatenate([inputs, eos], 1), np.concatenate([tokens, eos], 1)
+            weights = np.concatenate([selected, np.zeros((b, 1), bool)], 1).astype(np.int32)
+            return [Example(x, y, 0, w) for x, y, w in zip(inputs, targets, weights)]
+        d = self.denoisers[i]
+        if d.prefix_lm:
+            split = rng.integers(1, length, b)  # uniform over split points 1..L-1
+            pairs = [(np.concatenate([t[:p], [self.eos_id]]), np.concatenate([t[p:], [self.eos_id]]))
+                     for t, p in zip(tokens, split)]
+        else:
+            inputs, targets = span_corruption(tokens, rng, d.density, d.mean_span,
+                                              self.sentinel0, self.eos_id)
+            pairs = list(zip(inputs, targets))
+        mode = self.mode_ids[i]
+        if mode is not None:
+            pairs = [(np.concatenate([[mode], x]), y) for x, y in pairs]
+        did = i if self.kind == "ul2" else 0
+        return [Example(x.astype(np.int32), y.astype(np.int32), did) for x, y in pairs]
