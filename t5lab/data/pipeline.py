@@ -103,10 +103,12 @@ def _shard(source, process_index: int, process_count: int):
     return sources.Subset(source, idx)
 
 
-def documents(config, split: str, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def documents(config, split: str, process_index: int = 0, process_count: int = 1,
+              repeat: bool = True) -> grain.MapDataset:
     """This process's documents of `split`: disjoint across processes, covering
-    the split together. Train is shuffled anew each epoch and repeats forever;
-    eval keeps its order and repeats."""
+    the split together. Train is shuffled anew each epoch; eval keeps its order.
+    Both repeat forever unless repeat=False (one epoch; mixtures end with the
+    first exhausted source)."""
     d = config.data
     if d.source == "mixture":
         items = [(k, a, w) for k, a, w in sources.parse_mixture(d.mixture) if w > 0]
@@ -120,7 +122,7 @@ def documents(config, split: str, process_index: int = 0, process_count: int = 1
         ds = grain.MapDataset.source(src)
         if split == "train":
             ds = ds.shuffle(seed=(d.seed * 1_000_003 + n) % 2**32)  # reseeded per epoch by repeat()
-        parts.append(ds.repeat())
+        parts.append(ds.repeat() if repeat else ds)
     if len(parts) == 1:
         return parts[0]
     return grain.MapDataset.mix(parts, [w for _, _, w in items])

@@ -1,0 +1,50 @@
+"""Train a T5-style SentencePiece tokenizer on any configured source.
+
+    python tools/train_tokenizer.py --config configs/ul2.py:small --out spm.model \
+        [--vocab_size 32128] [--max_docs 200000] [--max_chars 200000000] [key=value ...]
+
+Unigram with byte fallback; pad 0, eos 1, unk 2, [NLU] [NLG] [S2S] as
+user-defined pieces and <extra_id_0..99> at the top (<extra_id_0> highest).
+Reads documents of config.data's train split in a seeded random order.
+"""
+from __future__ import annotations
+
+import argparse
+
+from t5lab import config as config_lib
+from t5lab.data import pipeline, tokenizer
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=None, help="path.py[:arg]; default: the schema")
+    ap.add_argument("--out", required=True, help="output .model path")
+    ap.add_argument("--vocab_size", type=int, default=0, help="default: config.model.vocab_size")
+    ap.add_argument("--max_docs", type=int, default=200_000)
+    ap.add_argument("--max_chars", type=int, default=200_000_000)
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.source=text data.paths=/d/*.txt")
+    args = ap.parse_args()
+    cfg = config_lib.load(args.config, args.overrides)
+    pipeline.validate(cfg)
+    docs = pipeline.documents(cfg, "train", repeat=False)  # one epoch, shuffled from the seed
+    n = min(args.max_docs, len(docs))
+
+    def texts():
+        total = 0
+        for i in range(n):
+            t = docs[i]
+            if t:
+                total += len(t)
+                yield t
+            if total >= args.max_chars:
+                return
+
+    vocab = args.vocab_size or cfg.model.vocab_size
+    tokenizer.train(texts(), args.out, vocab)
+    tok = tokenizer.Tokenizer(args.out)
+    print(f"wrote {args.out}: {tok.vocab_size} pieces, <extra_id_0>={tok.sentinel_id(0)}, "
+          f"modes={tok.mode_ids}")
+
+
+if __name__ == "__main__":
+    main()
