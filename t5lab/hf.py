@@ -1,0 +1,367 @@
+"""Export to / import from Hugging Face transformers (safetensors + config.json).
+
+  encoder_decoder -> T5ForConditionalGeneration (UMT5ForConditionalGeneration if relpos_per_layer)
+  encoder         -> T5EncoderModel (UMT5EncoderModel); the untied MLM head, which
+                     T5EncoderModel has no place for, goes to mlm_head.safetensors
+                     as `lm_head.weight` [vocab, d_model]
+  decoder (rope)  -> LlamaForCausalLM
+
+Kernels become torch Linear weights [out, in]; q/k/v [embed, heads, kv] flatten
+to [heads*kv, embed]. Configs without an HF equivalent raise ValueError naming
+the config field. Exporting needs no torch; only loading in transformers does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from t5lab.config import schema, validate
+
+WEIGHTS = "model.safetensors"
+MLM_HEAD = "mlm_head.safetensors"
+
+
+# ------------------------------------------------------------------ configs
+def _check_exportable(m):
+    def fail(field, why):
+        raise ValueError(f"config.model.{field}: {why}")
+    if m.arch == "decoder":
+        if m.position != "rope":
+            fail("position", "decoder-only export targets LlamaForCausalLM, which needs 'rope' "
+                             "(transformers has no decoder-only model with T5 relative bias)")
+        if m.tie_embeddings:
+            fail("tie_embeddings", "LlamaForCausalLM ties the head without t5lab's d_model**-0.5 logit scale")
+        if not m.gated_mlp:
+            fail("gated_mlp", "LlamaForCausalLM has only a gated MLP")
+        if m.d_model % m.num_heads:
+            fail("num_heads", f"LlamaConfig requires d_model={m.d_model} to be a multiple of it")
+    elif m.gated_mlp and m.activation == "gelu":
+        fail("activation", "T5 maps 'gated-gelu' to the tanh approximation; use gelu_tanh")
+    if m.position != "relative" and m.arch != "decoder":
+        fail("position", "T5 models use relative position bias")
+
+
+def _t5_act(m):
+    name = {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu", "relu": "relu"}[m.activation]
+    if m.gated_mlp:
+        return "gated-gelu" if m.activation == "gelu_tanh" else f"gated-{name}"
+    return name
+
+
+def hf_config(config) -> dict:
+    """The config.json dict transformers' from_pretrained reads."""
+    m = config.model
+    _check_exportable(m)
+    dec_layers = m.num_layers if m.num_decoder_layers == -1 else m.num_decoder_layers
+    if m.arch == "decoder":
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.d_ff,
+            "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+            "num_key_value_heads": m.num_heads, "head_dim": m.head_dim,
+            "hidden_act": {"gelu_tanh": "gelu_pytorch_tanh"}.get(m.activation, m.activation),
+            "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+            "max_position_embeddings": config.data.inputs_length + config.data.targets_length,
+            "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+            # T5 token ids: pad 0, eos 1, no BOS.
+            "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None, "dtype": "float32",
+        }
+    umt5 = m.relpos_per_layer
+    arch = {("encoder_decoder", False): "T5ForConditionalGeneration",
+            ("encoder_decoder", True): "UMT5ForConditionalGeneration",
+            ("encoder", False): "T5EncoderModel", ("encoder", True): "UMT5EncoderModel"}[(m.arch, umt5)]
+    return {
+        "architectures": [arch], "model_type": "umt5" if umt5 else "t5",
+        "vocab_size": m.vocab_size, "d_model": m.d_model, "d_kv": m.head_dim, "d_ff": m.d_ff,
+        "num_layers": m.num_layers, "num_decoder_layers": dec_layers, "num_heads": m.num_heads,
+        "relative_attention_num_buckets": m.relpos_buckets,
+        "relative_attention_max_distance": m.relpos_max_distance,
+        "dropout_rate": m.dropout_rate, "layer_norm_epsilon": m.norm_eps,
+        "feed_forward_proj": _t5_act(m), "tie_word_embeddings": m.tie_embeddings,
+        "is_encoder_decoder": m.arch == "encoder_decoder",
+        "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0, "dtype": "float32",
+    }
+
+
+def _hf_scales_logits(hf: dict) -> bool:
+    """Whether the HF model multiplies decoder output by d_model**-0.5 before its
+    lm_head. transformers 5 forces tie_word_embeddings=True for UMT5 (always
+    scales) and keeps T5's old meaning in scale_decoder_outputs."""
+    if hf["model_type"] == "umt5":
+        return True
+    return bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)))
+
+
+def config_from_hf(hf: dict, has_lm_head: bool):
+    """A full t5lab config (schema defaults) with the model group from config.json."""
+    c = schema()
+    m = c.model
+    if hf["model_type"] == "llama":
+        if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
+            raise ValueError("num_key_value_heads: grouped-query attention is not implemented in t5lab")
+        m.arch, m.position, m.gated_mlp = "decoder", "rope", True
+        m.vocab_size, m.d_model, m.d_ff = hf["vocab_size"], hf["hidden_size"], hf["intermediate_size"]
+        m.num_layers, m.num_heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+        m.head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        m.activation = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(
+            hf["hidden_act"], hf["hidden_act"])
+        m.norm_eps = float(hf["rms_norm_eps"])
+        rope = hf.get("rope_parameters") or {}
+        m.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        m.tie_embeddings = False
+        if hf.get("tie_word_embeddings"):
+            raise ValueError("tie_word_embeddings: tied Llama heads are unscaled; t5lab cannot import them")
+        return validate(c)
+    if hf["model_type"] not in ("t5", "umt5"):
+        raise ValueError(f"model_type: {hf['model_type']!r} is not t5, umt5 or llama")
+    encoder_only = not any("ConditionalGeneration" in a for a in hf.get("architectures") or [])
+    m.arch = "encoder" if encoder_only else "encoder_decoder"
+    m.relpos_per_layer = hf["model_type"] == "umt5"
+    m.vocab_size, m.d_model, m.head_dim, m.d_ff = hf["vocab_size"], hf["d_model"], hf["d_kv"], hf["d_ff"]
+    m.num_layers, m.num_heads = hf["num_layers"], hf["num_heads"]
+    dec = hf.get("num_decoder_layers") or hf["num_layers"]
+    m.num_decoder_layers = -1 if dec == m.num_layers else dec
+    m.relpos_buckets = hf.get("relative_attention_num_buckets", 32)
+    m.relpos_max_distance = hf.get("relative_attention_max_distance", 128)
+    m.dropout_rate = float(hf.get("dropout_rate", 0.0))
+    m.norm_eps = float(hf.get("layer_norm_epsilon", 1e-6))
+    proj = hf.get("feed_forward_proj", "relu")
+    m.gated_mlp = proj.startswith("gated-")
+    act = proj.split("-")[-1]
+    m.activation = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(act, act)
+    if m.gated_mlp and act == "gelu":  # HF's backwards-compatible alias
+        m.activation = "gelu_tanh"
+    m.tie_embeddings = not has_lm_head
+    return validate(c)
+
+
+# -------------------------------------------------------------- parameters
+def _unscan(params):
+    """Scanned stacks (one `layers` module, leading axis) -> layers_0..N-1."""
+    out = {}
+    for name, sub in params.items():
+        if isinstance(sub, dict) and "layers" in sub and name in ("encoder", "decoder"):
+            sub = dict(sub)
+            stacked = sub.pop("layers")
+            n = len(next(iter(_leaves(stacked))))
+            for i in range(n):
+                sub[f"layers_{i}"] = _map(lambda a, i=i: a[i], stacked)
+        out[name] = sub
+    return out
+
+
+def _scan(params, names=("encoder", "decoder")):
+    out = dict(params)
+    for name in names:
+        if name in out:
+            sub = dict(out[name])
+            keys = sorted((k for k in sub if k.startswith("layers_")), key=lambda k: int(k[7:]))
+            layers = [sub.pop(k) for k in keys]
+            sub["layers"] = _map(lambda *xs: np.stack(xs), *layers)
+            out[name] = sub
+    return out
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    else:
+        yield tree
+
+
+def _map(fn, *trees):
+    if isinstance(trees[0], dict):
+        return {k: _map(fn, *(t[k] for t in trees)) for k in trees[0]}
+    return fn(*trees)
+
+
+def _name_map(m) -> list[tuple[tuple[str, ...], str, str]]:
+    """(t5lab path, HF tensor name, kind) for every tensor; kind says how shapes differ."""
+    rows = []
+    if m.arch == "decoder":
+        rows.append((("token_embedder", "embedding"), "model.embed_tokens.weight", "same"))
+        for i in range(m.num_layers):
+            p, h = ("decoder", f"layers_{i}"), f"model.layers.{i}"
+            rows += [(p + ("pre_attention_norm", "scale"), f"{h}.input_layernorm.weight", "same"),
+                     (p + ("pre_mlp_norm", "scale"), f"{h}.post_attention_layernorm.weight", "same")]
+            for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):
+                rows.append((p + ("self_attention", ours, "kernel"), f"{h}.self_attn.{theirs}_proj.weight", "qkv"))
+            rows.append((p + ("self_attention", "out", "kernel"), f"{h}.self_attn.o_proj.weight", "out"))
+            for ours, theirs in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
+                rows.append((p + ("mlp", ours), f"{h}.mlp.{theirs}.weight", "T"))
+        rows.append((("decoder", "final_norm", "scale"), "model.norm.weight", "same"))
+        rows.append((("lm_head", "kernel"), "lm_head.weight", "T"))
+        return rows
+
+    rows.append((("token_embedder", "embedding"), "shared.weight", "same"))
+    stacks = [("encoder", m.num_layers)]
+    if m.arch == "encoder_decoder":
+        stacks.append(("decoder", m.num_layers if m.num_decoder_layers == -1 else m.num_decoder_layers))
+    for stack, n in stacks:
+        bias_name = "layer.0.SelfAttention.relative_attention_bias.weight"
+        if not m.relpos_per_layer:
+            rows.append(((stack, "relpos", "rel_embedding"), f"{stack}.block.0.{bias_name}", "T"))
+        for i in range(n):
+            p, h = (stack, f"layers_{i}"), f"{stack}.block.{i}"
+            if m.relpos_per_layer:
+                rows.append((p + ("relpos", "rel_embedding"), f"{h}.{bias_name}", "T"))
+            blocks = [("self_attention", "pre_attention_norm", "SelfAttention")]
+            if stack == "decoder":
+                blocks.append(("cross_attention", "pre_cross_attention_norm", "EncDecAttention"))
+            for j, (attn, norm, hf_attn) in enumerate(blocks):
+                rows.append((p + (norm, "scale"), f"{h}.layer.{j}.layer_norm.weight", "same"))
+                for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v"), ("out", "o")):
+                    rows.append((p + (attn, ours, "kernel"), f"{h}.layer.{j}.{hf_attn}.{theirs}.weight",
+                                 "out" if ours == "out" else "qkv"))
+            j = len(blocks)
+            rows.append((p + ("pre_mlp_norm", "scale"), f"{h}.layer.{j}.layer_norm.weight", "same"))
+            for wi in (("wi_0", "wi_1") if m.gated_mlp else ("wi",)) + ("wo",):
+                rows.append((p + ("mlp", wi), f"{h}.layer.{j}.DenseReluDense.{wi}.weight", "T"))
+        rows.append(((stack, "final_norm", "scale"), f"{stack}.final_layer_norm.weight", "same"))
+    if not m.tie_embeddings:
+        rows.append((("lm_head", "kernel"), "lm_head.weight", "T"))
+    return rows
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _head_fold(config, hf_json) -> float:
+    """Factor folded into an exported untied lm_head when the HF class scales
+    logits that t5lab does not (umT5 in transformers 5 always scales)."""
+    m = config.model
+    if m.arch == "encoder_decoder" and not m.tie_embeddings and _hf_scales_logits(hf_json):
+        return float(m.d_model) ** 0.5
+    return 1.0
+
+
+def to_hf_state(params, config) -> dict[str, np.ndarray]:
+    """Flat {HF name: float32 array} (the encoder's MLM head included as lm_head.weight)."""
+    m = config.model
+    params = _unscan(_map(np.asarray, dict(params)))
+    fold = _head_fold(config, hf_config(config))
+    state = {}
+    for path, name, kind in _name_map(m):
+        a = np.asarray(_get(params, path), np.float32)
+        if kind == "qkv":
+            a = a.reshape(a.shape[0], -1).T
+        elif kind == "out":
+            a = a.reshape(-1, a.shape[-1]).T
+        elif kind == "T":
+            a = a.T
+        if name == "lm_head.weight" and fold != 1.0:
+            a = (a.astype(np.float64) * fold).astype(np.float32)
+        state[name] = np.ascontiguousarray(a)
+    return state
+
+
+def from_hf_state(state, config, hf_json=None) -> dict:
+    """Inverse of to_hf_state: nested float32 params (scanned if config says so)."""
+    m = config.model
+    fold = _head_fold(config, hf_json if hf_json is not None else hf_config(config))
+    params = {}
+    for path, name, kind in _name_map(m):
+        a = np.asarray(state[name], np.float32)
+        if kind == "qkv":
+            a = a.T.reshape(a.shape[1], m.num_heads, m.head_dim)
+        elif kind == "out":
+            a = a.T.reshape(m.num_heads, m.head_dim, a.shape[0])
+        elif kind == "T":
+            a = a.T
+        if name == "lm_head.weight" and fold != 1.0:
+            a = (a.astype(np.float64) / fold).astype(np.float32)
+        _set(params, path, np.ascontiguousarray(a))
+    return _scan(params) if m.scan_layers else params
+
+
+# ------------------------------------------------------------------- files
+def save_pretrained(params, config, out_dir: str, spm_model: str | None = None) -> str:
+    """Writes config.json + model.safetensors (+ mlm_head.safetensors for an
+    untied encoder-only head, + tokenizer files when spm_model is given)."""
+    hf = hf_config(config)
+    state = to_hf_state(params, config)
+    os.makedirs(out_dir, exist_ok=True)
+    if config.model.arch == "encoder" and "lm_head.weight" in state:
+        save_file({"lm_head.weight": state.pop("lm_head.weight")}, os.path.join(out_dir, MLM_HEAD),
+                  metadata={"format": "pt"})
+    save_file(state, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        start = {} if config.model.arch == "decoder" else {"decoder_start_token_id": 0}
+        json.dump({"pad_token_id": 0, "eos_token_id": 1, **start}, f, indent=2)
+    if spm_model:
+        write_tokenizer(spm_model, out_dir, llama=config.model.arch == "decoder")
+    return out_dir
+
+
+def load_pretrained(hf_dir: str):
+    """(params, config) from a directory written by save_pretrained or by
+    transformers (T5/UMT5 conditional generation or encoder, Llama)."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf = json.load(f)
+    state = _read_state(hf_dir)
+    mlm = os.path.join(hf_dir, MLM_HEAD)
+    if os.path.exists(mlm):
+        state.update(load_file(mlm))
+    if hf["model_type"] in ("t5", "umt5") and any("ConditionalGeneration" in a
+                                                  for a in hf.get("architectures") or []):
+        scales = _hf_scales_logits(hf)
+        if "lm_head.weight" not in state and not scales:
+            # transformers 5 ties T5 v1.1's head to `shared` but does not scale:
+            # t5lab's tied head always scales, so import it as an untied copy.
+            state["lm_head.weight"] = state["shared.weight"].copy()
+        elif "lm_head.weight" in state and scales and np.array_equal(state["lm_head.weight"],
+                                                                      state["shared.weight"]):
+            del state["lm_head.weight"]  # saved explicitly but tied and scaled: t5lab's tied head
+    config = config_from_hf(hf, has_lm_head="lm_head.weight" in state)
+    return from_hf_state(state, config, hf), config
+
+
+def _read_state(hf_dir):
+    path = os.path.join(hf_dir, WEIGHTS)
+    if os.path.exists(path):
+        return load_file(path)
+    index = os.path.join(hf_dir, WEIGHTS + ".index.json")  # sharded checkpoints
+    with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(hf_dir, name)))
+    return state
+
+
+def write_tokenizer(spm_model: str, out_dir: str, llama: bool = False):
+    """SentencePiece tokenizer files: T5Tokenizer (spiece.model) or LlamaTokenizer
+    (tokenizer.model), with T5's special tokens (pad 0, eos 1, unk 2)."""
+    with open(spm_model, "rb") as f:
+        proto = f.read()
+    # T5Tokenizer appends <extra_id_*> sentinels unless the model already has them.
+    extra_ids = 0 if b"<extra_id_0>" in proto else 100
+    special = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if llama:
+        shutil.copyfile(spm_model, os.path.join(out_dir, "tokenizer.model"))
+        tok = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+               "bos_token": None, "legacy": False, **special}
+    else:
+        shutil.copyfile(spm_model, os.path.join(out_dir, "spiece.model"))
+        tok = {"tokenizer_class": "T5Tokenizer", "extra_ids": extra_ids, **special}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(tok, f, indent=2)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
+        json.dump(special, f, indent=2)

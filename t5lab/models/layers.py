@@ -1,0 +1,231 @@
+"""Building blocks: RMSNorm, embedding, dense kernels, relative position bias,
+RoPE, multi-head attention (with a KV cache for decoding) and the MLP.
+
+Every parameter is float32 and carries logical axis names from t5lab/sharding.py;
+compute happens in `dtype`, with norms and softmax in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+# A large finite negative (not -inf) so a fully masked row (an all-padding query)
+# softmaxes to a uniform distribution instead of NaN.
+MASK_VALUE = -1e10
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # HF "gelu_new"
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str]):
+    """A float32 parameter annotated with logical axes (boxed at init, unboxed on use)."""
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), F32)
+
+
+def fan_in_init(scale: float = 1.0, in_axis=-2, out_axis=-1, distribution="truncated_normal"):
+    """t5x's variance-scaling init; in/out axes may be tuples for 3-D kernels so the
+    fan is the product of the contracted dims, as for the flattened matrix."""
+    return nn.initializers.variance_scaling(scale, "fan_in", distribution,
+                                            in_axis=in_axis, out_axis=out_axis)
+
+
+class RMSNorm(nn.Module):
+    """T5 LayerNorm: no mean subtraction, no bias, variance in float32."""
+    eps: float = 1e-6
+    dtype: Any = F32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+        x32 = x.astype(F32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale).astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding [vocab, embed]; `attend` is the tied output projection."""
+    num_embeddings: int
+    features: int
+    dtype: Any = F32
+
+    def setup(self):
+        # t5x initialises embeddings with stddev 1: the pre-norm blocks rescale them.
+        self.embedding = param(self, "embedding", nn.initializers.normal(stddev=1.0),
+                               (self.num_embeddings, self.features), ("vocab", "embed"))
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x):
+        return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.dtype),
+                          preferred_element_type=F32)
+
+
+class DenseHead(nn.Module):
+    """Untied output projection [embed, vocab] to float32 logits."""
+    vocab_size: int
+    dtype: Any = F32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = param(self, "kernel", fan_in_init(), (x.shape[-1], self.vocab_size), ("embed", "vocab"))
+        return jnp.einsum("...d,dv->...v", x, kernel.astype(self.dtype), preferred_element_type=F32)
+
+
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's bucketing of key_pos - query_pos: exact buckets for small distances,
+    log-spaced ones up to max_distance (same float32 arithmetic as HF T5)."""
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).astype(jnp.int32) * num_buckets
+        relative_position = jnp.abs(relative_position)
+    else:
+        relative_position = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    # maximum() keeps log away from 0 in the branch where() discards.
+    rp = jnp.maximum(relative_position, max_exact).astype(F32)
+    large = max_exact + (jnp.log(rp / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(is_small, relative_position, large)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned per-head bias indexed by bucketed relative position -> [B, H, Q, K]."""
+    num_heads: int
+    num_buckets: int
+    max_distance: int
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, q_pos, k_pos):
+        table = param(self, "rel_embedding",
+                      nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+                      (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
+        rel = k_pos[:, None, :] - q_pos[:, :, None]
+        buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
+        return jnp.moveaxis(jnp.take(table, buckets, axis=1), 0, 1)  # [B, H, Q, K] float32
+
+
+def apply_rope(x, positions, theta: float):
+    """Rotary embedding in HF Llama's rotate_half layout (first half / second half
+    of each head are the pair), so Llama weights copy without permutation.
+    x: [B, T, H, D]; positions: [B, T]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=F32) / d))
+    angles = positions.astype(F32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(F32) * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class HeadsProjection(nn.Module):
+    """x [B, T, embed] -> [B, T, heads, kv] with kernel [embed, heads, kv]."""
+    num_heads: int
+    head_dim: int
+    kernel_init: Callable
+    dtype: Any = F32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = param(self, "kernel", self.kernel_init, (x.shape[-1], self.num_heads, self.head_dim),
+                       ("embed", "heads", "kv"))
+        y = jnp.einsum("btd,dhk->bthk", x, kernel.astype(self.dtype))
+        return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
+
+
+class OutputProjection(nn.Module):
+    """[B, T, heads, kv] -> [B, T, embed] with kernel [heads, kv, embed]."""
+    features: int
+    dtype: Any = F32
+
+    @nn.compact
+    def __call__(self, y):
+        kernel = param(self, "kernel", fan_in_init(1.0, (0, 1), 2, "normal"),
+                       (y.shape[-2], y.shape[-1], self.features), ("heads", "kv", "embed"))
+        return jnp.einsum("bthk,hkd->btd", y, kernel.astype(self.dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head attention. T5 style (scale_logits=False) leaves logits unscaled
+    and folds 1/sqrt(head_dim) into the query init; Llama style scales logits.
+
+    mask: bool, broadcastable to [B, H, Q, K]; bias: float32 [B|1, H, Q, K] or None.
+    In decode mode keys/values are written into a fixed-size 'cache' at
+    `cache_index` (shapes never change, so one compiled step serves all steps)."""
+    num_heads: int
+    head_dim: int
+    dtype: Any = F32
+    dropout_rate: float = 0.0
+    scale_logits: bool = False
+    rope_theta: float | None = None   # None: no rotary embedding
+
+    @nn.compact
+    def __call__(self, x_q, x_kv, mask, bias=None, q_pos=None, k_pos=None,
+                 deterministic=True, decode=False, cache_index=None):
+        h, dh = self.num_heads, self.head_dim
+        q_scale = 1.0 if self.scale_logits else 1.0 / math.sqrt(dh)
+        q = HeadsProjection(h, dh, fan_in_init(q_scale, 0, (1, 2), "normal"), self.dtype, name="query")(x_q)
+        k = HeadsProjection(h, dh, fan_in_init(1.0, 0, (1, 2), "normal"), self.dtype, name="key")(x_kv)
+        v = HeadsProjection(h, dh, fan_in_init(1.0, 0, (1, 2), "normal"), self.dtype, name="value")(x_kv)
+        if self.rope_theta is not None:
+            q = apply_rope(q, q_pos, self.rope_theta)
+            k = apply_rope(k, q_pos if decode else k_pos, self.rope_theta)  # new keys sit at q_pos
+
+        if decode:
+            initialized = self.has_variable("cache", "cached_key")
+            cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+            cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+            if initialized:  # at init the full-length call only sizes the cache
+                start = (0, cache_index, 0, 0)
+                k = jax.lax.dynamic_update_slice(cached_k.value, k, start)
+                v = jax.lax.dynamic_update_slice(cached_v.value, v, start)
+                cached_k.value, cached_v.value = k, v
+
+        if self.scale_logits:
+            q = q * jnp.asarray(dh ** -0.5, q.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=F32)
+        if bias is not None:
+            logits = logits + bias
+        logits = jnp.where(mask, logits, MASK_VALUE)
+        weights = jax.nn.softmax(logits, axis=-1)
+        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+        y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
+        y = nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
+        return OutputProjection(x_q.shape[-1], self.dtype, name="out")(y)
+
+
+class Mlp(nn.Module):
+    """T5 feed-forward: gated act(x wi_0) * (x wi_1) or plain act(x wi), then wo."""
+    d_ff: int
+    activation: str = "gelu_tanh"
+    gated: bool = True
+    dtype: Any = F32
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        d = x.shape[-1]
+
+        def dense_in(name):
+            kernel = param(self, name, fan_in_init(), (d, self.d_ff), ("embed", "mlp"))
+            y = jnp.einsum("btd,df->btf", x, kernel.astype(self.dtype))
+            return nn.with_logical_constraint(y, ("batch", "length", "mlp"))
+
+        act = ACTIVATIONS[self.activation]
+        hidden = act(dense_in("wi_0")) * dense_in("wi_1") if self.gated else act(dense_in("wi"))
+        hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
+        wo = param(self, "wo", fan_in_init(), (self.d_ff, d), ("mlp", "embed"))
+        return jnp.einsum("btf,fd->btd", hidden, wo.astype(self.dtype))
