@@ -25,6 +25,7 @@ def get_config(arg: str = "small"):
     if arg == "tiny":
         c.data.inputs_length, c.data.targets_length = 64, 64
         c.train.batch_size, c.train.steps = 8, 20
+        c.optim.warmup_steps = 5
     else:
         c.data.inputs_length, c.data.targets_length = 512, 512
         c.train.batch_size, c.train.steps = 256, 100_000

@@ -176,6 +176,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(0 <= o.b2 < 1, "optim.b2", "must be in [0, 1)")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0")
+    decay_steps = o.decay_steps if o.decay_steps > 0 else t.steps
+    _require(o.schedule == "constant" or o.warmup_steps < decay_steps, "optim.warmup_steps",
+             f"{o.warmup_steps} must be below the {decay_steps} decay steps "
+             f"(optim.decay_steps, or train.steps when it is -1)")
 
     d = c.data
     _require(d.inputs_length > 0 and d.targets_length > 0, "data.inputs_length",

@@ -41,10 +41,15 @@ def decay_mask_fn(optim_cfg) -> Callable:
     return mask
 
 
-def batch_spec(config) -> dict[str, tuple[int, ...]]:
-    """Feature name -> per-row length for the global batch of this config."""
+PACKING_FEATURES = ("encoder_segment_ids", "decoder_segment_ids", "encoder_positions",
+                    "decoder_positions")
+
+
+def batch_spec(config) -> dict[str, int]:
+    """Feature name -> row length for the batches this config trains on."""
     dummy = models.dummy_batch(config, 1)
-    shapes = {k: v.shape[1] for k, v in dummy.items()}
+    shapes = {k: v.shape[1] for k, v in dummy.items()
+              if config.data.pack or k not in PACKING_FEATURES}
     if config.data.objective == "ul2":
         tgt, _ = losses.target_names(config.model.arch)
         shapes["denoiser_ids"] = shapes[tgt]
@@ -93,7 +98,6 @@ def build_program(config, mesh, total_steps: int | None = None) -> TrainProgram:
     tgt_name, w_name = losses.target_names(arch)
     n_den = num_denoisers(config)
     total_steps = total_steps or config.train.steps
-    tx, schedule = optim.make_optimizer(config.optim, total_steps, decay_mask_fn(config.optim))
     dropout = m.dropout_rate > 0
 
     dummy = models.dummy_batch(config, 1)
@@ -102,19 +106,23 @@ def build_program(config, mesh, total_steps: int | None = None) -> TrainProgram:
         return model.init({"params": rng, "dropout": rng}, dummy, deterministic=True)["params"]
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(init_params, jax.random.key(0))
+        # The key is made inside the trace: an eager key would be placed on the
+        # mesh, whose devices may be compile-only (tools/aot_compile.py).
+        boxed = jax.eval_shape(lambda: init_params(jax.random.key(0)))
     param_specs = nn.get_partition_spec(boxed)
+    # Scanned stacks: SOAP preconditions each layer's slice on its own.
+    stacked = jax.tree_util.tree_map(lambda s: len(s) > 0 and s[0] == "layers", param_specs,
+                                     is_leaf=lambda x: isinstance(x, P))
+    tx, schedule = optim.make_optimizer(config.optim, total_steps, decay_mask_fn(config.optim),
+                                        stacked_mask=stacked)
     param_sh = nn.logical_to_mesh_sharding(param_specs, mesh, rules)
     abstract_params = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), param_sh)
-    # Optimizer-state layout: let XLA propagate it from the params through tx.init
-    # (moments follow their parameter; other state is whatever XLA chose).
-    opt_init = jax.jit(tx.init, in_shardings=(param_sh,)).lower(abstract_params).compile()
-    opt_sh = opt_init.output_shardings
-    abstract_opt = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(tx.init, abstract_params), opt_sh)
     repl = sharding.replicated(mesh)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = _opt_state_shardings(config.optim.name, abstract_opt, abstract_params, param_sh, mesh)
+    abstract_opt = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_opt, opt_sh)
     state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh}
     abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
                       "params": abstract_params, "opt_state": abstract_opt}
@@ -190,6 +198,42 @@ def build_program(config, mesh, total_steps: int | None = None) -> TrainProgram:
                         batch_sharding=batch_sh, train_step=with_context(jit_train),
                         eval_step=with_context(jit_eval), init_state=with_context(jit_init),
                         jit_train=jit_train)
+
+
+def _opt_state_shardings(name, abstract_opt, abstract_params, param_sh, mesh):
+    """Optimizer state follows the parameters it belongs to: a leaf found under a
+    parameter's key path with the parameter's shape takes its sharding; one with
+    a dimension dropped (Adafactor's factored rows and columns) takes the rest;
+    anything else (counts, (1,) placeholders) is replicated. SOAP's
+    preconditioners are laid out by optim.soap_state_specs."""
+    repl = sharding.replicated(mesh)
+    if name == "soap":
+        specs = optim.soap_state_specs(abstract_opt, jax.tree_util.tree_map(lambda s: s.spec, param_sh))
+        return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                      is_leaf=lambda x: isinstance(x, P))
+    by_path = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        by_path[_keys(path)] = leaf.shape
+    specs = {_keys(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+
+    def pick(path, leaf):
+        keys = _keys(path)
+        hit = next((keys[i:] for i in range(len(keys)) if keys[i:] in by_path), None)
+        if hit is None:
+            return repl
+        shape = by_path[hit]
+        spec = tuple(specs[hit]) + (None,) * (len(shape) - len(specs[hit]))
+        if leaf.shape == shape:
+            return NamedSharding(mesh, P(*spec))
+        for i in range(len(shape)):
+            if leaf.shape == shape[:i] + shape[i + 1:]:
+                return NamedSharding(mesh, P(*(spec[:i] + spec[i + 1:])))
+        return repl
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+def _keys(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def _token_features(arch: str) -> tuple[str, ...]:
