@@ -1,0 +1,48 @@
+"""Export a t5lab model as a Hugging Face transformers directory.
+
+    python tools/convert_to_hf.py --config configs/t5_1_1.py:small --checkpoint runs/small --out hf/small \
+        [--spm tokenizer.model] [--override model.vocab_size=32128 ...]
+    python tools/convert_to_hf.py --config configs/decoder.py:tiny --random-init --seed 0 --out hf/tiny
+
+Encoder-decoder -> T5ForConditionalGeneration (UMT5 when model.relpos_per_layer),
+encoder -> T5EncoderModel (+ mlm_head.safetensors), rope decoder -> LlamaForCausalLM.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="configs/x.py[:preset]")
+    ap.add_argument("--override", nargs="*", default=[], help="key=value config overrides")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="t5lab checkpoint (workdir or step folder)")
+    src.add_argument("--random-init", action="store_true", help="export an untrained model")
+    ap.add_argument("--seed", type=int, default=0, help="init seed for --random-init")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--spm", default=None, help="SentencePiece .model to ship as the tokenizer")
+    args = ap.parse_args(argv)
+
+    from t5lab import hf
+    from t5lab.config import load
+    config = load(args.config, args.override)
+    hf.hf_config(config)  # fail on configs without an HF equivalent before any heavy work
+    if args.random_init:
+        import flax.linen as nn
+        import jax
+
+        from t5lab import models
+        model = models.build(config)
+        params = nn.unbox(jax.jit(model.init)(jax.random.key(args.seed), models.dummy_batch(config, 1))["params"])
+    else:
+        from t5lab.checkpointing import restore_params  # lazily: only this branch needs orbax
+        params = restore_params(args.checkpoint, config)
+    hf.save_pretrained(params, config, args.out, spm_model=args.spm)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
