@@ -90,6 +90,8 @@ class Checkpoints:
         return restored["state"]
 
     def save(self, step: int, state, data_iter=None, force: bool = False) -> bool:
+        if step in self.manager.all_steps():  # the final save right after a periodic one
+            return False
         args = {"state": ocp.args.StandardSave(state)}
         if self.save_data and data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -132,19 +134,12 @@ def restore_params(checkpoint_dir: str, config=None, step: int | None = None):
         if not steps:
             raise FileNotFoundError(f"{root}: holds no complete checkpoint")
         state_dir = os.path.join(root, str(step if step is not None else steps[-1]), "state")
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(state_dir)
-        tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
-        if hasattr(tree, "tree"):
-            tree = tree.tree
+    with ocp.PyTreeCheckpointer() as ckptr:
+        tree = ckptr.metadata(state_dir).item_metadata.tree
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), dict(tree)["params"])
-        restored = ckptr.restore(state_dir, {"params": target}, strict=False) \
-            if _accepts_strict(ckptr) else ckptr.restore(state_dir, {"params": target})
+        target = {"params": jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree["params"])}
+        restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))
     return jax.tree_util.tree_map(np.asarray, restored["params"])
-
-
-def _accepts_strict(ckptr) -> bool:
-    import inspect
-    return "strict" in inspect.signature(ckptr.restore).parameters
