@@ -89,11 +89,11 @@ def test_prefix_lm_prompt_matches_full_forward(llama):
     config, model, params, _ = llama
     prompt = np.random.default_rng(3).integers(2, 96, (2, 6)).astype(np.int32)
     ours = np.asarray(generate(model, params, prompt, 4, bidirectional_prompt=True))
+    forward = jax.jit(lambda b: model.apply({"params": params}, b))
     seq = prompt
     for _ in range(4):
         prefix = np.zeros_like(seq)
         prefix[:, :prompt.shape[1]] = 1
-        logits = model.apply({"params": params}, {"decoder_input_tokens": seq,
-                                                  "decoder_causal_attention": prefix})
+        logits = forward({"decoder_input_tokens": seq, "decoder_causal_attention": prefix})
         seq = np.concatenate([seq, np.argmax(logits[:, -1], -1)[:, None].astype(np.int32)], 1)
     np.testing.assert_array_equal(ours, seq[:, prompt.shape[1]:])

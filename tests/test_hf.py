@@ -147,8 +147,8 @@ def test_hf_random_model_imports_and_reexports_identically(case, tmp_path):
         assert np.array_equal(ours["lm_head.weight"], theirs["shared.weight"])
     # The imported params compute what transformers computes.
     want, valid = hf_forward(hf_random, config, case["batch"])
-    got = np.asarray(models.build(config).apply({"params": params}, case["batch"],
-                                                return_hidden=config.model.arch == "encoder"))
+    got = np.asarray(jax.jit(models.build(config).apply, static_argnames="return_hidden")(
+        {"params": params}, case["batch"], return_hidden=config.model.arch == "encoder"))
     if config.model.arch == "encoder" and config.model.tie_embeddings:
         got = got * config.model.d_model ** 0.5  # hidden includes the tied head's scale
     assert np.abs(got - want)[valid].max() < 1e-4

@@ -176,8 +176,9 @@ def test_dropout_uses_the_rng():
     config = make_config(arch="encoder_decoder", dropout_rate=0.3)
     model, _, params = init(config)
     batch = models.dummy_batch(config, 2)
-    run = lambda seed: np.asarray(model.apply({"params": params}, batch, deterministic=False,
-                                              rngs={"dropout": jax.random.key(seed)}))
+    noisy = jax.jit(lambda key: model.apply({"params": params}, batch, deterministic=False,
+                                            rngs={"dropout": key}))
+    run = lambda seed: np.asarray(noisy(jax.random.key(seed)))
     clean = np.asarray(model.apply({"params": params}, batch))
     np.testing.assert_array_equal(run(1), run(1))
     assert not np.allclose(run(1), run(2)) and not np.allclose(run(1), clean)
