@@ -167,6 +167,12 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
             bar.update(step_done, last)
             window, t_window = [], time.time()
 
+    def flush():
+        nonlocal pending
+        if pending is not None:
+            finish(*pending)
+            pending = None
+
     with _StopFlag() as stop:
         step = start
         try:
@@ -178,14 +184,12 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
                 step += 1
                 pending = (step, m_dev)
                 if config.train.eval_every and step % config.train.eval_every == 0:
-                    finish(*pending)
-                    pending = None
+                    flush()
                     ev = evaluate(config, program, state["params"], tok_path, names)
                     writer.write(step, ev)
                     bar.message(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
                 if stop.agreed():
-                    finish(*pending)
-                    pending = None
+                    flush()
                     ckpts.save(step, state, data_iter, force=True)
                     ckpts.close()
                     bar.message(f"{stop.raised or 'stop'} received: saved step {step} to "
@@ -193,11 +197,9 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
                     writer.close()
                     return last
                 if config.checkpoint.every and step % config.checkpoint.every == 0:
-                    finish(*pending)  # never save a state whose loss was not finite
-                    pending = None
+                    flush()  # never save a state whose loss was not finite
                     ckpts.save(step, state, data_iter)
-            if pending is not None:
-                finish(*pending)
+            flush()
         except NonFiniteLoss:
             ckpts.close()
             writer.close()

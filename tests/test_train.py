@@ -108,8 +108,8 @@ def test_missing_data_path_fails_before_writing(tmp_path):
 
 def test_default_run_loss_falls(tmp_path):
     """The embedded default (no --config), shortened."""
-    cfg = config_lib.load(None, ["train.steps=40", "train.log_every=10", "train.eval_every=40",
-                                 "optim.warmup_steps=10", "checkpoint.every=0"])
+    cfg = config_lib.load(None, ["train.steps=40", "train.log_every=10", "train.eval_every=20",
+                                 "optim.warmup_steps=10", "checkpoint.every=20"])
     wd = str(tmp_path / "default")
     last = train.run(cfg, wd, progress=False)
     losses = [v[0] for k, v in sorted(logged(wd).items())]
