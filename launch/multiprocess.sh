@@ -33,20 +33,19 @@ python=${PYTHON:-python}
 # one avoids clashes between concurrent runs (tests, other users).
 port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-# Each trainer writes into a fifo read by its own prefixer, so we hold the
-# trainer's pid (for signals and exit status) and can wait for the log to drain.
-fifos=$(mktemp -d)
-trap 'rm -rf "$fifos"' EXIT
+# Each trainer writes into its own prefixer, opened on a file descriptor first
+# so that $! names the trainer (for signals and its exit status) and the
+# prefixer's pid is kept to wait for the log to drain.
 pids=()
 prefixers=()
 for ((i = 0; i < num; i++)); do
-  mkfifo "$fifos/$i"
-  sed -u "s/^/[$i] /" < "$fifos/$i" &
+  exec {log}> >(sed -u "s/^/[$i] /")
   prefixers+=($!)
   T5LAB_COORDINATOR=127.0.0.1:$port T5LAB_NUM_PROCESSES=$num T5LAB_PROCESS_ID=$i \
     JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$per" \
-    "$python" -m t5lab.cli train "$@" > "$fifos/$i" 2>&1 &
+    "$python" -m t5lab.cli train "$@" >&"$log" 2>&1 &
   pids+=($!)
+  exec {log}>&-
 done
 
 alive() {
@@ -70,24 +69,25 @@ stop_all() {
 trap 'signal_all TERM' TERM
 trap 'signal_all INT' INT
 
+# Poll rather than `wait -n`: when several trainers exit at once, bash may
+# report only one of them to `wait -n`; `wait PID` on an exited child always
+# returns its status.
 status=0
 running=("${pids[@]}")
 while (( ${#running[@]} > 0 )); do
-  rc=0
-  done_pid=
-  wait -n -p done_pid "${running[@]}" || rc=$?
-  # A trap interrupts `wait` with 128+signal without any child having exited.
-  if [[ -z "${done_pid:-}" ]]; then
-    continue
-  fi
-  for j in "${!running[@]}"; do
-    if [[ ${running[j]} == "$done_pid" ]]; then unset "running[j]"; fi
+  still=()
+  for p in "${running[@]}"; do
+    if kill -0 "$p" 2>/dev/null; then still+=("$p"); continue; fi
+    rc=0
+    wait "$p" || rc=$?
+    if (( rc != 0 && status == 0 )); then
+      status=$rc
+      echo "multiprocess.sh: process pid $p exited with status $rc; stopping the others" >&2
+      stop_all
+    fi
   done
-  if (( rc != 0 && status == 0 )); then
-    status=$rc
-    echo "multiprocess.sh: process pid $done_pid exited with status $rc; stopping the others" >&2
-    stop_all
-  fi
+  running=("${still[@]}")
+  sleep 0.2
 done
 wait "${prefixers[@]}"
 exit "$status"
