@@ -1,0 +1,94 @@
+"""tools/aot_compile.py: the real train step compiled for a TPU slice on this
+CPU machine (needs libtpu), and its errors when it cannot."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "aot_compile.py")
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import aot_compile  # noqa: E402
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason=f"libtpu not installed ({aot_compile.INSTALL})")
+
+
+def _tool(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, TOOL, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@needs_libtpu
+def test_tiny_compiles_for_a_v5e_slice(tmp_path):
+    out = tmp_path / "plan.jsonl"
+    proc = _tool("--config", "configs/t5_1_1.py:tiny", "--topology", "v5e:2x2",
+                 "--mesh", "fsdp=2,tensor=2", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2} and row["chips"] == 4
+    assert row["fits"] and 0 < row["peak_bytes"] < row["hbm_bytes"] == 16 * 2 ** 30
+    # Each of the 4 chips holds a quarter of the float32 params (the tiny model
+    # shards evenly over fsdp x tensor except small norm/bias vectors).
+    assert row["params"] * 4 / 4 <= row["param_bytes"] < row["params"] * 4 / 2
+    assert row["opt_bytes"] >= 2 * row["param_bytes"] * 0.9  # AdamW: two moments
+    assert row["step_source"] == "xla" and row["step_s"] > 0 and 0 < row["mfu"] < 1
+    # XLA counts at least the model's matmul FLOPs (it adds the rest of the step).
+    assert row["xla_flops_per_chip"] * 4 >= 0.9 * row["model_flops_per_step"]
+    assert "peak HBM" in proc.stdout and "fits" in proc.stdout
+
+
+@needs_libtpu
+def test_scanned_layers_cost_matches_unscanned(tmp_path):
+    """XLA counts a while loop's body once; the tool extrapolates from shallow
+    unscanned compiles, so scanning must not change the FLOPs it reports."""
+    rows = []
+    for scan in ("false", "true"):
+        out = tmp_path / f"{scan}.jsonl"
+        proc = _tool("--config", "configs/t5_1_1.py:tiny", "--topology", "v5e:2x2",
+                     "--mesh", "fsdp=-1", "--config.model.num_layers=4",
+                     f"--config.model.scan_layers={scan}", "--json", str(out))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        rows.append(json.loads(out.read_text()))
+    flat, scanned = rows
+    assert scanned["xla_flops_per_chip"] == pytest.approx(flat["xla_flops_per_chip"], rel=0.02)
+
+
+def test_unknown_topology_is_one_line():
+    proc = _tool("--config", "configs/t5_1_1.py:tiny", "--topology", "v9:2x2", timeout=120)
+    assert proc.returncode == 2
+    assert "unknown" in proc.stderr and "v5p:4x4x4" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@needs_libtpu
+def test_topology_libtpu_rejects_is_one_line():
+    proc = _tool("--config", "configs/t5_1_1.py:tiny", "--topology", "v5e:3x7", timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "libtpu rejects it" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_libtpu_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else real(name, *a))
+    gen, chip, chips = aot_compile.parse_topology("v5p:4x4x4")
+    assert (gen, chips) == ("v5p", 64)
+    with pytest.raises(aot_compile.PlanError, match=r'pip install -e "\.\[tpu-plan\]"'):
+        aot_compile.setup_env(gen, chip, chips)
+
+
+def test_search_candidates_split_chips_heads_and_batch():
+    from t5lab import config as config_lib
+    config, _ = config_lib.parse_args(["--config", "configs/t5_1_1.py:xl",
+                                       "--config.train.batch_size=64"])
+    meshes = aot_compile.candidate_meshes(config, 64)
+    assert {"data": 1, "fsdp": 64, "tensor": 1} in meshes
+    assert {"data": 1, "fsdp": 16, "tensor": 4} in meshes
+    for m in meshes:
+        assert m["data"] * m["fsdp"] * m["tensor"] == 64
+        assert config.model.num_heads % m["tensor"] == 0 and 64 % (m["data"] * m["fsdp"]) == 0
+    assert aot_compile.parse_mesh("fsdp=-1,tensor=4") == {"data": 1, "fsdp": -1, "tensor": 4}
