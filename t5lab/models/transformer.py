@@ -148,6 +148,12 @@ class Stack(nn.Module):
             k_pos = k_index
         else:
             q_pos = k_pos = jnp.arange(t)[None] if positions is None else positions
+            if cfg.position == "relative":
+                # Inside a packed segment positions run contiguously, so k_pos - q_pos
+                # equals the index difference wherever the mask lets attention through:
+                # one [1, H, T, T] bias serves every row, and its gradient is a
+                # batch-free scatter instead of one per row.
+                q_pos = k_pos = jnp.arange(t)[None]
             mask = jnp.ones((1, 1, t, t), jnp.bool_)
             if self.causal:
                 idx = jnp.arange(t)
