@@ -346,9 +346,34 @@ def _read_state(hf_dir):
     return state
 
 
+def _tokenizer_json(spm_model: str) -> str:
+    """The SentencePiece model as a `tokenizers` Unigram with the same pieces,
+    scores, byte fallback and whitespace handling, so transformers tokenises
+    exactly as training did (its own spm converter assumes T5's normaliser,
+    which collapses spaces and drops newlines)."""
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models as tok_models, normalizers
+    sp = spm.SentencePieceProcessor(model_file=spm_model)
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tok = Tokenizer(tok_models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=True))
+    # spm's identity normaliser with add_dummy_prefix: one leading "\u2581", spaces escaped.
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                           normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    user = [sp.id_to_piece(i) for i in range(sp.get_piece_size())
+            if sp.id_to_piece(i).startswith("<extra_id_") or sp.id_to_piece(i) in ("[NLU]", "[NLG]", "[S2S]")]
+    # Matched in the normalised text, as spm matches user-defined pieces.
+    tok.add_tokens([AddedToken(t, special=False, normalized=True) for t in user])
+    return tok.to_str()
+
+
 def write_tokenizer(spm_model: str, out_dir: str, llama: bool = False):
-    """SentencePiece tokenizer files: T5Tokenizer (spiece.model) or LlamaTokenizer
-    (tokenizer.model), with T5's special tokens (pad 0, eos 1, unk 2)."""
+    """Tokenizer files from a SentencePiece model: tokenizer.json (exact), plus the
+    .model file and a config for T5Tokenizer or LlamaTokenizer with T5's special
+    tokens (pad 0, eos 1, unk 2)."""
     with open(spm_model, "rb") as f:
         proto = f.read()
     # T5Tokenizer appends <extra_id_*> sentinels unless the model already has them.
@@ -360,7 +385,13 @@ def write_tokenizer(spm_model: str, out_dir: str, llama: bool = False):
                "bos_token": None, "legacy": False, **special}
     else:
         shutil.copyfile(spm_model, os.path.join(out_dir, "spiece.model"))
-        tok = {"tokenizer_class": "T5Tokenizer", "extra_ids": extra_ids, **special}
+        # transformers' T5Tokenizer rebuilds T5's normaliser from spiece.model; the
+        # generic class reads tokenizer.json as written.
+        tok = {"tokenizer_class": "PreTrainedTokenizerFast" if extra_ids == 0 else "T5Tokenizer",
+               "extra_ids": extra_ids, **special}
+    if extra_ids == 0:
+        with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+            f.write(_tokenizer_json(spm_model))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(tok, f, indent=2)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
