@@ -1,7 +1,7 @@
 """Export a t5lab model as a Hugging Face transformers directory.
 
     python tools/convert_to_hf.py --config configs/t5_1_1.py:small --checkpoint runs/small --out hf/small \
-        [--spm tokenizer.model] [--override model.vocab_size=32128 ...]
+        [--spm tokenizer.model] [--config.model.vocab_size=32128 ...]
     python tools/convert_to_hf.py --config configs/decoder.py:tiny --random-init --seed 0 --out hf/tiny
 
 Encoder-decoder -> T5ForConditionalGeneration (UMT5 when model.relpos_per_layer),
@@ -16,18 +16,20 @@ import sys
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="configs/x.py[:preset]")
-    ap.add_argument("--override", nargs="*", default=[], help="key=value config overrides")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="t5lab checkpoint (workdir or step folder)")
     src.add_argument("--random-init", action="store_true", help="export an untrained model")
     ap.add_argument("--seed", type=int, default=0, help="init seed for --random-init")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--spm", default=None, help="SentencePiece .model to ship as the tokenizer")
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        ap.error(f"unrecognised arguments: {' '.join(bad)} (config overrides are --config.KEY=VALUE)")
 
     from t5lab import hf
     from t5lab.config import load
-    config = load(args.config, args.override)
+    config = load(args.config, [a[len("--config."):] for a in rest])
     hf.hf_config(config)  # fail on configs without an HF equivalent before any heavy work
     if args.random_init:
         import flax.linen as nn

@@ -1,7 +1,7 @@
 """Train a T5-style SentencePiece tokenizer on any configured source.
 
     python tools/train_tokenizer.py --config configs/ul2.py:small --out spm.model \
-        [--vocab_size 32128] [--max_docs 200000] [--max_chars 200000000] [key=value ...]
+        [--vocab_size 32128] [--max_docs 200000] [--max_chars 200000000] [--config.KEY=VALUE ...]
 
 Unigram with byte fallback; pad 0, eos 1, unk 2, [NLU] [NLG] [S2S] as
 user-defined pieces and <extra_id_0..99> at the top (<extra_id_0> highest).
@@ -22,9 +22,11 @@ def main():
     ap.add_argument("--vocab_size", type=int, default=0, help="default: config.model.vocab_size")
     ap.add_argument("--max_docs", type=int, default=200_000)
     ap.add_argument("--max_chars", type=int, default=200_000_000)
-    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.source=text data.paths=/d/*.txt")
-    args = ap.parse_args()
-    cfg = config_lib.load(args.config, args.overrides)
+    args, rest = ap.parse_known_args()
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        ap.error(f"unrecognised arguments: {' '.join(bad)} (config overrides are --config.KEY=VALUE)")
+    cfg = config_lib.load(args.config, [a[len("--config."):] for a in rest])
     pipeline.validate(cfg)
     docs = pipeline.documents(cfg, "train", repeat=False)  # one epoch, shuffled from the seed
     n = min(args.max_docs, len(docs))
