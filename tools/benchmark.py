@@ -1,0 +1,175 @@
+"""Measure t5lab's train step (and its data pipeline and checkpoints) on this machine.
+
+    python tools/benchmark.py --config configs/t5_1_1.py:small --batch 16 --inputs 256 \
+        --targets 64 --steps 5 [--json] [--config.KEY=VALUE ...]
+
+The step runs on a plain (unpacked) span-corruption-shaped batch of exactly
+--batch x (--inputs + --targets) tokens with random ids, AdamW and float32
+unless overridden, one process: the same work as ../shared/bench's peers.
+Reported as medians after warm-up: step time, tokens/s, XLA-counted FLOPs per
+step, achieved FLOP/s and MFU against this machine's measured matmul peak,
+compile time and peak host memory; plus, unless --skip-extras, the UL2 data
+pipeline's packed tokens/s and an Orbax save and restore of the train state.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/t5_1_1.py:small")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--inputs", type=int, default=256)
+    p.add_argument("--targets", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    p.add_argument("--devices", type=int, default=1, help="simulated CPU devices (data parallel)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p.add_argument("--skip-extras", action="store_true", help="only the train step")
+    args, rest = p.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        p.error(f"unrecognised arguments: {' '.join(bad)}")
+    return args, [a[len("--config."):] for a in rest]
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
+    """This machine's float32 matmul FLOP/s: the best of `reps` n x n products."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def random_batch(config, rows: int, seed: int = 0) -> dict:
+    from t5lab.train_step import batch_spec
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, length in batch_spec(config).items():
+        if name.endswith("_tokens"):
+            out[name] = rng.integers(2, config.model.vocab_size - 200, (rows, length), dtype=np.int32)
+        else:  # loss weights (all targets count) and causal-attention flags
+            out[name] = np.ones((rows, length), np.int32)
+    return out
+
+
+def bench_step(config, steps: int) -> dict:
+    import jax
+    from t5lab import sharding
+    from t5lab.train_step import build_program, global_batch
+
+    mesh = sharding.make_mesh(config.mesh)
+    prog = build_program(config, mesh)
+    t0 = time.perf_counter()
+    compiled = prog.lower_train().compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    state = prog.init_state(jax.random.key(0))
+    batch = global_batch(random_batch(config, config.train.batch_size), prog.batch_sharding)
+    state, m = compiled(state, batch)  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return {"step_s": float(np.median(times)), "compile_s": compile_s,
+            "flops_per_step": float(cost.get("flops", 0.0)), "loss": float(m["loss"]),
+            "nonpad_fraction": float(m["nonpad_fraction"]), "state": state, "prog": prog}
+
+
+def bench_data(config, seconds: float = 10.0) -> float:
+    """Packed UL2 tokens per second through the whole pipeline, this process."""
+    from t5lab.data import pipeline, tokenizer
+    path = tokenizer.resolve(config)
+    it = iter(pipeline.make_dataset(config, "train", tokenizer_path=path))
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        b = next(it)
+        n += sum(v.size for k, v in b.items() if k in ("encoder_input_tokens", "decoder_target_tokens"))
+    return n / (time.perf_counter() - t0)
+
+
+def bench_checkpoint(state, prog) -> tuple[float, float]:
+    import orbax.checkpoint as ocp
+    import jax
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "state")
+        with ocp.StandardCheckpointer() as c:
+            t = time.perf_counter()
+            c.save(path, state)
+            c.wait_until_finished()
+            save_s = time.perf_counter() - t
+            t = time.perf_counter()
+            restored = c.restore(path, prog.abstract_state)
+            jax.block_until_ready(restored)
+            restore_s = time.perf_counter() - t
+    return save_s, restore_s
+
+
+def main(argv=None):
+    args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.devices > 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}")
+    from t5lab import config as config_lib
+    base = ["optim.name=adamw", "model.dtype=float32", "data.objective=span_corruption",
+            "data.pack=false", "model.dropout_rate=0.0",
+            f"train.batch_size={args.batch}", f"data.inputs_length={args.inputs}",
+            f"data.targets_length={args.targets}"]
+    config = config_lib.load(args.config, base + overrides)
+    import jax
+
+    r = bench_step(config, args.steps)
+    peak = matmul_peak_flops()
+    tokens = args.batch * (args.inputs + args.targets)
+    out = {
+        "config": args.config, "overrides": overrides, "devices": jax.device_count(),
+        "batch": args.batch, "inputs": args.inputs, "targets": args.targets,
+        "params": int(sum(x.size for x in jax.tree_util.tree_leaves(r["state"]["params"]))),
+        "step_s": r["step_s"], "tokens_per_s": tokens / r["step_s"],
+        "nonpad_tokens_per_s": tokens * r["nonpad_fraction"] / r["step_s"],
+        "flops_per_step": r["flops_per_step"],
+        "achieved_flops_per_s": r["flops_per_step"] / r["step_s"],
+        "matmul_peak_flops_per_s": peak,
+        "mfu": r["flops_per_step"] / r["step_s"] / (peak * jax.device_count()),
+        "compile_s": r["compile_s"],
+        "peak_host_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+        "loss": r["loss"],
+    }
+    if not args.skip_extras:
+        data_cfg = config_lib.load(args.config, [
+            "data.objective=ul2", f"data.inputs_length={args.inputs}",
+            f"data.targets_length={args.targets}", f"train.batch_size={args.batch}"] + overrides)
+        out["data_tokens_per_s"] = bench_data(data_cfg)
+        out["checkpoint_save_s"], out["checkpoint_restore_s"] = bench_checkpoint(r["state"], r["prog"])
+    if args.json:
+        print(json.dumps(out))
+        return
+    width = max(len(k) for k in out)
+    for k, v in out.items():
+        text = f"{v:,.4g}" if isinstance(v, float) else str(v)
+        print(f"{k:<{width}}  {text}")
+
+
+if __name__ == "__main__":
+    main()
