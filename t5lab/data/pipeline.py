@@ -145,11 +145,13 @@ class _BlockToRows:
         if self._tok is None:
             self._tok = Tokenizer(self.tokenizer_path)
         rng = np.random.default_rng([self.seed, self.stream, index])
-        texts = [t for t in docs if t]
+        texts = [t for t in docs if t and not t.isspace()]
         examples, skipped = self.objective(self._tok.encode_batch(texts), rng)
-        if skipped or len(texts) < len(docs):
-            log.debug("block %d: skipped %d unreadable documents and %d short pieces",
-                      index, len(docs) - len(texts), skipped)
+        # Unreadable documents are counted by their source (naming the file);
+        # here: empty or whitespace-only documents and pieces too short to corrupt.
+        sources.SKIPS.add("empty documents", sum(t is not None for t in docs) - len(texts),
+                          f"block {index}")
+        sources.SKIPS.add("pieces too short for the objective", skipped, f"block {index}")
         rows = packing.pack(examples, self.arch, *self.lengths, packed=self.pack)
         order = rng.permutation(len(next(iter(rows.values()))))  # mix rows across documents
         return {k: v[order] for k, v in rows.items()}
@@ -161,6 +163,14 @@ class _Rows(grain.experimental.FlatMapTransform):
     def flat_map(self, rows):
         n = len(next(iter(rows.values())))
         return [{k: v[i] for k, v in rows.items()} for i in range(n)]
+
+
+def _absl_flags_parsed():
+    """grain's worker processes read absl flags, which raise unless parsed; t5lab
+    has its own command line, so take absl's defaults (a no-op once parsed)."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def make_dataset(config, split: str = "train", *, tokenizer_path: str, process_index: int | None = None,
@@ -179,8 +189,13 @@ def make_dataset(config, split: str = "train", *, tokenizer_path: str, process_i
     blocks = docs.batch(DOCS_PER_BLOCK).map_with_index(_BlockToRows(config, tokenizer_path, objective, stream))
     # One prefetch thread overlaps block preparation with the training step.
     ds = blocks.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    if config.data.num_workers > 0:
+        # Workers prepare whole blocks: worker w takes blocks w, w + n, ... and
+        # grain interleaves them round-robin, so the main process sees blocks in
+        # index order and rows and batches are exactly those of num_workers=0.
+        # (Batching inside the workers would give each worker its own batches.)
+        _absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
     ds = grain.experimental.FlatMapIterDataset(ds, _Rows())
     ds = ds.batch(config.train.batch_size // process_count, drop_remainder=True)
-    if config.data.num_workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
     return ds

@@ -1,7 +1,8 @@
 """Random-access document sources: embedded corpus, text, JSONL, Parquet, TFDS.
 
-Every source is a picklable sequence of documents (str, or None for a document
-that cannot be read, which the pipeline counts and skips). Random access lets
+Every source is a picklable sequence of documents: str ("" for a null value,
+skipped and counted as empty by the pipeline), or None for a document that
+cannot be read, counted in SKIPS with its file and offset and skipped. Random access lets
 grain shuffle globally, shard by process and resume from an index.
 
 Mixture spec (config.data.mixture), comma separated `kind:arg=weight` items:
@@ -11,6 +12,7 @@ use config.data.tfds_data_dir. Weights must be >= 0 with a positive sum.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import glob
 import hashlib
@@ -26,6 +28,29 @@ log = logging.getLogger(__name__)
 KINDS = ("embedded", "text", "jsonl", "parquet", "tfds", "mixture")
 # Parts of the standard library that are not prose or idiomatic code.
 _EMBEDDED_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+class SkipCounter:
+    """Counts what this process drops (per reason) and reports it as a warning
+    the first time and then every `every` skips of a reason, with the latest
+    culprit (file and byte offset, dataset and index): bad input is visible
+    without a log line per document."""
+
+    def __init__(self, every: int = 1000):
+        self.every, self.counts = every, collections.Counter()
+
+    def add(self, reason: str, n: int = 1, where: str = ""):
+        if n <= 0:
+            return
+        before = self.counts[reason]
+        self.counts[reason] += n
+        if before == 0 or before // self.every != self.counts[reason] // self.every:
+            log.warning("skipped %d %s so far in this process%s", self.counts[reason], reason,
+                        f" (latest: {where})" if where else "")
+
+
+# One per process: grain worker processes count and report their own skips.
+SKIPS = SkipCounter()
 
 
 def _stable_hash(s: str) -> int:
@@ -61,7 +86,7 @@ class _Source:
         raise NotImplementedError
 
     def _bad(self, where: str, why: str):
-        log.warning("%s: skipping unreadable document %s (%s)", self.name, where, why)
+        SKIPS.add("unreadable documents", where=f"{self.name}: {where}: {why}")
         return None
 
 
@@ -123,14 +148,14 @@ class LineSource(_Source):
         except UnicodeDecodeError as e:
             return self._bad(where, f"not UTF-8 at byte {e.start}")
         if self.text_field is None:
-            return text if text.strip() else None
+            return text  # blank lines are counted as empty documents by the pipeline
         try:
             row = json.loads(text)
         except json.JSONDecodeError as e:
             return self._bad(where, f"invalid JSON: {e.msg}")
         if not isinstance(row, dict) or self.text_field not in row:
             raise KeyError(f"config.data.text_field: {where} has no field {self.text_field!r}")
-        return row[self.text_field] if isinstance(row[self.text_field], str) else None
+        return row[self.text_field] if isinstance(row[self.text_field], str) else ""
 
     def keys(self):
         file_keys = np.array([_stable_hash(os.path.basename(f)) for f in self.files], np.uint64)
@@ -172,7 +197,7 @@ class ParquetSource(_Source):
     def __getitem__(self, i):
         k = int(np.searchsorted(self.offsets, i, side="right") - 1)
         text = self._group(k)[i - self.offsets[k]]
-        return text if isinstance(text, str) else None
+        return text if isinstance(text, str) else ""
 
     def keys(self):
         file_keys = np.array([_stable_hash(os.path.basename(f)) for f in self.files], np.uint64)
