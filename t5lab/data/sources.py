@@ -210,14 +210,20 @@ class TfdsSource(_Source):
 
     def __init__(self, name: str, split: str, data_dir: str, text_field: str):
         import tensorflow_datasets as tfds
+        data_dir = os.path.expanduser(data_dir or "")
         if not data_dir or not os.path.isdir(data_dir):
             raise FileNotFoundError(f"config.data.tfds_data_dir: no directory {data_dir!r}")
         self.name, self.split, self.data_dir, self.text_field = name, split, data_dir, text_field
         try:
             self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        except Exception as e:  # tfds raises several types for a missing dataset/split
+        except Exception as e:  # tfds raises several types for a missing dataset/version/split
+            why = str(e).split("\n")[0]  # not tfds's list of every dataset it knows
             raise FileNotFoundError(f"config.data.tfds_name: cannot open {name!r} split {split!r} "
-                                    f"in {data_dir!r}: {e}") from None
+                                    f"in {data_dir!r}: {why}") from None
+        fields = list(self._ds.dataset_info.features.keys())
+        if text_field not in fields:
+            raise KeyError(f"config.data.text_field: TFDS {name!r} has no feature {text_field!r} "
+                           f"(features: {fields})")
 
     def __len__(self):
         return len(self._ds)
