@@ -181,6 +181,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"{o.warmup_steps} must be below the {decay_steps} decay steps "
              f"(optim.decay_steps, or train.steps when it is -1)")
 
+    _require(o.eps > 0, "optim.eps", "must be positive")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(o.soap_precondition_frequency >= 1, "optim.soap_precondition_frequency", "must be >= 1")
+    _require(o.soap_max_precond_dim >= 1, "optim.soap_max_precond_dim", "must be >= 1")
+    _require(o.soap_shampoo_beta < 1, "optim.soap_shampoo_beta", "must be < 1 (negative: use b2)")
+
     d = c.data
     _require(d.inputs_length > 0 and d.targets_length > 0, "data.inputs_length",
              "inputs_length and targets_length must be positive")

@@ -111,11 +111,16 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     # ---- everything that can fail on bad input, before anything is written
-    _check_workdir_config(workdir, config)
-    tok_path = _prepare_tokenizer(config, workdir)
-    train_ds = pipeline.make_dataset(config, "train", tokenizer_path=tok_path)
-    mesh = sharding.make_mesh(config.mesh)
-    program = build_program(config, mesh)
+    try:
+        _check_workdir_config(workdir, config)
+        tok_path = _prepare_tokenizer(config, workdir)
+        train_ds = pipeline.make_dataset(config, "train", tokenizer_path=tok_path)
+        mesh = sharding.make_mesh(config.mesh)
+        program = build_program(config, mesh)
+    except (config_lib.ConfigError, checkpointing.CheckpointMismatch, FileNotFoundError):
+        raise
+    except (ValueError, KeyError) as e:  # the data, tokenizer or optimizer refused the input
+        raise config_lib.ConfigError(e.args[0] if e.args else repr(e)) from e
     ckpts = checkpointing.Checkpoints(workdir, config.checkpoint)
     data_iter = iter(train_ds)
     latest = ckpts.latest_step()
