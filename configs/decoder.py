@@ -2,7 +2,7 @@
 
 Presets: tiny (tests), small, base. RoPE decoders export to LlamaForCausalLM.
 """
-from t5lab.config import schema
+from t5lab.config import preset
 
 # name: (d_model, d_ff, num_heads, head_dim, num_layers)
 SIZES = {
@@ -13,19 +13,11 @@ SIZES = {
 
 
 def get_config(arg: str = "small"):
-    if arg not in SIZES:
-        raise ValueError(f"configs/decoder.py: unknown preset {arg!r}; one of {sorted(SIZES)}")
-    c = schema()
-    m = c.model
-    m.arch = "decoder"
-    m.d_model, m.d_ff, m.num_heads, m.head_dim, m.num_layers = SIZES[arg]
-    m.activation, m.gated_mlp, m.position = "silu", True, "rope"
-    m.vocab_size = 512 if arg == "tiny" else 32128
+    c = preset(arg, SIZES, "configs/decoder.py", "decoder", "silu")
+    c.model.position = "rope"
     c.data.objective = "ul2"
     if arg == "tiny":
         c.data.inputs_length, c.data.targets_length = 32, 64
-        c.train.batch_size, c.train.steps = 8, 20
-        c.optim.warmup_steps = 5
     else:
         c.data.inputs_length, c.data.targets_length = 512, 1024
         c.train.batch_size, c.train.steps = 256, 100_000

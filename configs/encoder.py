@@ -2,7 +2,7 @@
 
 Presets: tiny (tests), small, base.
 """
-from t5lab.config import schema
+from t5lab.config import preset
 
 # name: (d_model, d_ff, num_heads, head_dim, num_layers)
 SIZES = {
@@ -13,19 +13,10 @@ SIZES = {
 
 
 def get_config(arg: str = "small"):
-    if arg not in SIZES:
-        raise ValueError(f"configs/encoder.py: unknown preset {arg!r}; one of {sorted(SIZES)}")
-    c = schema()
-    m = c.model
-    m.arch = "encoder"
-    m.d_model, m.d_ff, m.num_heads, m.head_dim, m.num_layers = SIZES[arg]
-    m.activation, m.gated_mlp = "gelu_tanh", True
-    m.vocab_size = 512 if arg == "tiny" else 32128
+    c = preset(arg, SIZES, "configs/encoder.py", "encoder", "gelu_tanh")
     c.data.objective = "mlm"
     if arg == "tiny":
         c.data.inputs_length, c.data.targets_length = 64, 64
-        c.train.batch_size, c.train.steps = 8, 20
-        c.optim.warmup_steps = 5
     else:
         c.data.inputs_length, c.data.targets_length = 512, 512
         c.train.batch_size, c.train.steps = 256, 100_000

@@ -3,7 +3,7 @@
 Presets: tiny (tests), small, base, large, xl, xxl (the published sizes).
     t5lab train --config configs/t5_1_1.py:small --workdir runs/small
 """
-from t5lab.config import schema
+from t5lab.config import preset
 
 # name: (d_model, d_ff, num_heads, head_dim, num_layers)
 SIZES = {
@@ -17,20 +17,11 @@ SIZES = {
 
 
 def get_config(arg: str = "small"):
-    if arg not in SIZES:
-        raise ValueError(f"configs/t5_1_1.py: unknown preset {arg!r}; one of {sorted(SIZES)}")
-    c = schema()
-    m = c.model
-    m.arch = "encoder_decoder"
-    m.d_model, m.d_ff, m.num_heads, m.head_dim, m.num_layers = SIZES[arg]
-    m.activation, m.gated_mlp = "gelu_tanh", True
-    m.vocab_size = 512 if arg == "tiny" else 32128
+    c = preset(arg, SIZES, "configs/t5_1_1.py", "encoder_decoder", "gelu_tanh")
     c.data.objective = "span_corruption"
     if arg == "tiny":
         c.data.inputs_length, c.data.targets_length = 64, 32
-        c.train.batch_size, c.train.steps = 8, 20
-        c.optim.warmup_steps = 5
-    else:
+    else:  # T5's pretraining recipe
         c.data.inputs_length, c.data.targets_length = 512, 114
         c.train.batch_size, c.train.steps = 256, 100_000
         c.optim.name, c.optim.schedule = "adafactor", "rsqrt"

@@ -3,7 +3,7 @@
 Presets: tiny (tests), small, base, 20b (32+32 layers, d_model 4096, d_ff 16384,
 16 heads x 256, as published).
 """
-from t5lab.config import schema
+from t5lab.config import preset
 
 # name: (d_model, d_ff, num_heads, head_dim, num_layers)
 SIZES = {
@@ -15,23 +15,14 @@ SIZES = {
 
 
 def get_config(arg: str = "small"):
-    if arg not in SIZES:
-        raise ValueError(f"configs/ul2.py: unknown preset {arg!r}; one of {sorted(SIZES)}")
-    c = schema()
-    m = c.model
-    m.arch = "encoder_decoder"
-    m.d_model, m.d_ff, m.num_heads, m.head_dim, m.num_layers = SIZES[arg]
-    m.activation, m.gated_mlp = "silu", True
-    m.vocab_size = 512 if arg == "tiny" else 32128
+    c = preset(arg, SIZES, "configs/ul2.py", "encoder_decoder", "silu")
     c.data.objective = "ul2"
     if arg == "tiny":
         c.data.inputs_length, c.data.targets_length = 64, 32
-        c.train.batch_size, c.train.steps = 8, 20
-        c.optim.warmup_steps = 5
     else:
         c.data.inputs_length, c.data.targets_length = 512, 512
         c.train.batch_size, c.train.steps = 1024, 1_000_000
         c.optim.name, c.optim.schedule = "adafactor", "rsqrt"
         c.optim.learning_rate, c.optim.warmup_steps = 1e-2, 10_000
-        m.dtype, m.scan_layers = "bfloat16", True
+        c.model.dtype, c.model.scan_layers = "bfloat16", True
     return c

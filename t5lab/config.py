@@ -128,6 +128,22 @@ def schema() -> ml_collections.ConfigDict:
     return c
 
 
+def preset(arg: str, sizes: dict, source: str, arch: str, activation: str) -> ml_collections.ConfigDict:
+    """The schema with a preset's model shape: sizes[arg] = (d_model, d_ff,
+    num_heads, head_dim, num_layers). `tiny` (for tests) also gets a 512-piece
+    vocabulary and a short run; the published sizes T5's 32128 vocabulary."""
+    if arg not in sizes:
+        raise ConfigError(f"{source}: unknown preset {arg!r}; one of {sorted(sizes)}")
+    c = schema()
+    m = c.model
+    m.arch, m.activation, m.gated_mlp = arch, activation, True
+    m.d_model, m.d_ff, m.num_heads, m.head_dim, m.num_layers = sizes[arg]
+    m.vocab_size = 512 if arg == "tiny" else 32128
+    if arg == "tiny":
+        c.train.batch_size, c.train.steps, c.optim.warmup_steps = 8, 20, 5
+    return c
+
+
 class ConfigError(ValueError):
     """A config key holds a value t5lab cannot run with; the message names it."""
 
