@@ -78,7 +78,7 @@ def test_missing_libtpu_names_the_install_command(monkeypatch):
     gen, chip, chips = aot_compile.parse_topology("v5p:4x4x4")
     assert (gen, chips) == ("v5p", 64)
     with pytest.raises(aot_compile.PlanError, match=r'pip install -e "\.\[tpu-plan\]"'):
-        aot_compile.setup_env(gen, chip, chips)
+        aot_compile.setup_env(chip, chips)
 
 
 def test_search_candidates_split_chips_heads_and_batch():

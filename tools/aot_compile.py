@@ -67,7 +67,7 @@ def parse_topology(name: str) -> tuple[str, Chip, int]:
     return gen, CHIPS[gen], chips
 
 
-def setup_env(gen: str, chip: Chip, chips: int) -> None:
+def setup_env(chip: Chip, chips: int) -> None:
     """Before jax loads: CPU as the default backend (tests and this machine),
     and what libtpu would otherwise look up on a TPU VM's metadata server, so
     it starts quietly and without taking the one-process-per-machine lock."""
@@ -246,7 +246,8 @@ def describe(row: dict) -> str:
         f"model FLOPs/step {row['model_flops_per_step']:.3e}",
         f"  step time {row['step_s'] * 1e3:.1f} ms ({'XLA estimate' if row['step_source'] == 'xla' else 'roofline: flops/peak vs bytes/HBM bandwidth'})"
         f" -> MFU {row['mfu'] * 100:.1f}%",
-    ])
+    ] + (["  warning: XLA counts fewer FLOPs than the model needs; step time and MFU are optimistic"]
+         if row["xla_flops_per_chip"] * row["chips"] < row["model_flops_per_step"] else []))
 
 
 def ranked_table(rows: list[dict]) -> str:
@@ -274,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or "topology" not in flags:
             raise PlanError(f"usage: {__doc__.splitlines()[3].strip()}" if "topology" not in flags
                             else f"unknown flag --{sorted(unknown)[0]}")
-        gen, chip, chips = parse_topology(flags["topology"])
-        setup_env(gen, chip, chips)
+        _, chip, chips = parse_topology(flags["topology"])
+        setup_env(chip, chips)
         devices = topology_devices(flags["topology"], chip)
         print(f"{flags['topology']}: {len(devices)} chips of {devices[0].device_kind}, "
               f"{chip.hbm_gib:g} GiB HBM, {chip.peak_tflops:g} bf16 TFLOP/s each", flush=True)
