@@ -133,10 +133,13 @@ def build_program(config, mesh, total_steps: int | None = None) -> TrainProgram:
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
     def loss_sums(params, batch, rng):
-        logits = model.apply({"params": params}, batch, deterministic=not dropout,
-                             rngs={"dropout": rng} if dropout else {})
-        return losses.cross_entropy_sums(logits, batch[tgt_name], batch[w_name], config.train.z_loss,
-                                         batch.get("denoiser_ids"), n_den)
+        # Hidden states, not logits: the fused head + cross-entropy never lets
+        # autodiff see the [tokens, vocab] logits (losses.head_cross_entropy_sums).
+        hidden = model.apply({"params": params}, batch, deterministic=not dropout,
+                             rngs={"dropout": rng} if dropout else {}, return_hidden=True)
+        return losses.head_cross_entropy_sums(hidden, models.head_matrix(params, config),
+                                              batch[tgt_name], batch[w_name], config.train.z_loss,
+                                              batch.get("denoiser_ids"), n_den)
 
     def grads_and_sums(params, batch, rng):
         grad_fn = jax.grad(lambda p, b, r: (lambda s: (s["loss"], s))(loss_sums(p, b, r)),

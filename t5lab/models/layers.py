@@ -162,7 +162,9 @@ class Attention(nn.Module):
     """Multi-head attention. T5 style (scale_logits=False) leaves logits unscaled
     and folds 1/sqrt(head_dim) into the query init; Llama style scales logits.
 
-    mask: bool, broadcastable to [B, H, Q, K]; bias: float32 [B|1, H, Q, K] or None.
+    mask: bool, broadcastable to [B, H, Q, K], or None; bias: float32, broadcastable
+    to [B, H, Q, K], or None. Stacks fold the mask into the bias once
+    (`additive_mask`), so each layer does one add and its backward pass no select.
     In decode mode keys/values are written into a fixed-size 'cache' at
     `cache_index` (shapes never change, so one compiled step serves all steps)."""
     num_heads: int
@@ -199,12 +201,54 @@ class Attention(nn.Module):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=F32)
         if bias is not None:
             logits = logits + bias
-        logits = jnp.where(mask, logits, MASK_VALUE)
+        if mask is not None:
+            logits = jnp.where(mask, logits, MASK_VALUE)
         weights = jax.nn.softmax(logits, axis=-1)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
         y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
         y = nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
         return OutputProjection(x_q.shape[-1], self.dtype, name="out")(y)
+
+
+def additive_mask(mask, bias=None):
+    """A boolean mask as a float32 bias (0 where allowed, MASK_VALUE where not),
+    plus `bias`: logits + this == where(mask, logits + bias, ~MASK_VALUE). A fully
+    masked row still softmaxes to uniform (MASK_VALUE swallows the logits)."""
+    out = jnp.where(mask, 0.0, MASK_VALUE).astype(F32)
+    return out if bias is None else out + bias
+
+
+_GELU_C2 = 2.0 * math.sqrt(2.0 / math.pi)   # gelu_tanh(a) = a * sigmoid(2u),
+_GELU_K = 0.044715                          # u = sqrt(2/pi) (a + 0.044715 a^3)
+
+
+def _gelu_gate_sigmoid(a):
+    return jax.nn.sigmoid(a * (_GELU_C2 + (_GELU_C2 * _GELU_K) * (a * a)))
+
+
+@jax.custom_vjp
+def gelu_tanh_gate(a, b):
+    """gelu_tanh(a) * b (HF "gelu_new" gating) as a * sigmoid(2u) * b, with a
+    hand-written VJP that keeps the sigmoid: autodiff of the tanh formula costs
+    about twice the elementwise work (and XLA duplicates parts of it into
+    several fusions)."""
+    return a * _gelu_gate_sigmoid(a) * b
+
+
+def _gelu_gate_fwd(a, b):
+    s = _gelu_gate_sigmoid(a)
+    return a * s * b, (a, b, s)
+
+
+def _gelu_gate_bwd(res, g):
+    a, b, s = res
+    gb = g * b
+    # d/da a s(v) = s + a s (1 - s) v',  v' = 2c (1 + 3 k a^2)
+    dact = s + a * (s * (1.0 - s)) * (_GELU_C2 + (3.0 * _GELU_C2 * _GELU_K) * (a * a))
+    return (gb * dact).astype(a.dtype), (g * (a * s)).astype(b.dtype)
+
+
+gelu_tanh_gate.defvjp(_gelu_gate_fwd, _gelu_gate_bwd)
 
 
 class Mlp(nn.Module):
@@ -225,7 +269,10 @@ class Mlp(nn.Module):
             return nn.with_logical_constraint(y, ("batch", "length", "mlp"))
 
         act = ACTIVATIONS[self.activation]
-        hidden = act(dense_in("wi_0")) * dense_in("wi_1") if self.gated else act(dense_in("wi"))
+        if self.gated and self.activation == "gelu_tanh":
+            hidden = gelu_tanh_gate(dense_in("wi_0"), dense_in("wi_1"))
+        else:
+            hidden = act(dense_in("wi_0")) * dense_in("wi_1") if self.gated else act(dense_in("wi"))
         hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
         wo = param(self, "wo", fan_in_init(), (self.d_ff, d), ("mlp", "embed"))
         return jnp.einsum("btf,fd->btd", hidden, wo.astype(self.dtype))

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from t5lab.models.layers import F32, Attention, DenseHead, Embed, Mlp, RelativePositionBias, RMSNorm
+from t5lab.models.layers import (F32, Attention, DenseHead, Embed, Mlp, RelativePositionBias, RMSNorm,
+                                 additive_mask)
 
 # Names for jax.checkpoint_policies; "minimal" keeps only the tagged block outputs.
 REMAT_POLICIES = {
@@ -90,9 +91,10 @@ class Layer(nn.Module):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
         rope = cfg.position == "rope"
+        # mask is None here: Stack folded it into `bias` (and cross_mask is additive too).
         if cfg.relpos_per_layer:
-            bias = RelativePositionBias(cfg.num_heads, cfg.relpos_buckets, cfg.relpos_max_distance,
-                                        not self.causal, name="relpos")(q_pos, k_pos)
+            bias = bias + RelativePositionBias(cfg.num_heads, cfg.relpos_buckets, cfg.relpos_max_distance,
+                                               not self.causal, name="relpos")(q_pos, k_pos)
         attention = lambda name: Attention(cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate,
                                            scale_logits=rope, rope_theta=cfg.rope_theta if rope else None,
                                            name=name)
@@ -103,7 +105,7 @@ class Layer(nn.Module):
         if self.cross:
             h = RMSNorm(cfg.norm_eps, dt, name="pre_cross_attention_norm")(x)
             cross = Attention(cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, name="cross_attention")
-            h = cross(h, encoded, cross_mask, deterministic=self.deterministic)
+            h = cross(h, encoded, None, cross_mask, deterministic=self.deterministic)
             x = constrain(x + drop(checkpoint_name(h, "attention_out")))
         h = RMSNorm(cfg.norm_eps, dt, name="pre_mlp_norm")(x)
         h = Mlp(cfg.d_ff, cfg.activation, cfg.gated_mlp, dt, cfg.dropout_rate, name="mlp")(
@@ -170,6 +172,13 @@ class Stack(nn.Module):
         if cfg.position == "relative" and not cfg.relpos_per_layer:
             bias = RelativePositionBias(cfg.num_heads, cfg.relpos_buckets, cfg.relpos_max_distance,
                                         not self.causal, name="relpos")(q_pos, k_pos)
+        # Mask and shared bias become one additive tensor, built once per stack: every
+        # layer then adds it (no select forward, none backward), and the relative
+        # bias gradient is reduced over the batch once instead of once per layer.
+        bias = additive_mask(mask, bias)
+        mask = None
+        if cross_mask is not None:
+            cross_mask = additive_mask(cross_mask)
 
         x = constrain(nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic))
         layer = Layer
