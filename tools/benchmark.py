@@ -8,7 +8,10 @@ The step runs on a plain (unpacked) span-corruption-shaped batch of exactly
 unless overridden, one process: the same work as ../shared/bench's peers.
 Reported as medians after warm-up: step time, tokens/s, XLA-counted FLOPs per
 step, achieved FLOP/s and MFU against this machine's measured matmul peak,
-compile time and peak host memory; plus, unless --skip-extras, the UL2 data
+compile time and peak host memory. Two MFUs: `mfu` divides XLA's FLOP count
+(every op the compiled step executes, elementwise included) and `model_mfu` the
+model FLOPs (6 x matmul params x tokens + attention, t5lab.metrics), both by the
+step time and the measured float32 matmul peak; plus, unless --skip-extras, the UL2 data
 pipeline's packed tokens/s and an Orbax save and restore of the train state.
 """
 from __future__ import annotations
@@ -80,6 +83,10 @@ def bench_step(config, steps: int) -> dict:
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
+    try:
+        temp_bytes = float(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # not every backend reports it
+        temp_bytes = float("nan")
     state = prog.init_state(jax.random.key(0))
     batch = global_batch(random_batch(config, config.train.batch_size), prog.batch_sharding)
     state, m = compiled(state, batch)  # warm-up
@@ -90,7 +97,9 @@ def bench_step(config, steps: int) -> dict:
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
-    return {"step_s": float(np.median(times)), "compile_s": compile_s,
+    from t5lab.train import _model_flops
+    return {"step_s": float(np.median(times)), "compile_s": compile_s, "temp_bytes": temp_bytes,
+            "model_flops": float(_model_flops(config, state["params"])),
             "flops_per_step": float(cost.get("flops", 0.0)), "loss": float(m["loss"]),
             "nonpad_fraction": float(m["nonpad_fraction"]), "state": state, "prog": prog}
 
@@ -132,7 +141,9 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}")
     from t5lab import config as config_lib
-    base = ["optim.name=adamw", "model.dtype=float32", "data.objective=span_corruption",
+    # The peer's optimizer is plain optax.adamw: no gradient clipping (ours clips
+    # by default; --config.optim.clip_norm=1.0 puts it back, +~0.3 GF per step).
+    base = ["optim.name=adamw", "optim.clip_norm=0", "model.dtype=float32", "data.objective=span_corruption",
             "data.pack=false", "model.dropout_rate=0.0",
             f"train.batch_size={args.batch}", f"data.inputs_length={args.inputs}",
             f"data.targets_length={args.targets}"]
@@ -152,6 +163,9 @@ def main(argv=None):
         "achieved_flops_per_s": r["flops_per_step"] / r["step_s"],
         "matmul_peak_flops_per_s": peak,
         "mfu": r["flops_per_step"] / r["step_s"] / (peak * jax.device_count()),
+        "model_flops_per_step": r["model_flops"],
+        "model_mfu": r["model_flops"] / r["step_s"] / (peak * jax.device_count()),
+        "compiled_temp_gib": r["temp_bytes"] / 2 ** 30,
         "compile_s": r["compile_s"],
         "peak_host_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
         "loss": r["loss"],
