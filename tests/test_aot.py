@@ -43,6 +43,18 @@ def test_tiny_compiles_for_a_v5e_slice(tmp_path):
 
 
 @needs_libtpu
+def test_too_big_a_step_is_reported_as_not_fitting(tmp_path):
+    # The TPU compiler refuses a step over HBM; the tool reports it, by how much.
+    out = tmp_path / "plan.jsonl"
+    proc = _tool("--config", "configs/t5_1_1.py:tiny", "--topology", "v5e:2x2", "--mesh", "fsdp=-1",
+                 "--config.train.batch_size=131072", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = json.loads(out.read_text())
+    assert not row["fits"] and row["peak_bytes"] > row["hbm_bytes"] and row["mfu"] is None
+    assert "DOES NOT FIT (over by" in proc.stdout
+
+
+@needs_libtpu
 def test_scanned_layers_cost_matches_unscanned(tmp_path):
     """XLA counts a while loop's body once; the tool extrapolates from shallow
     unscanned compiles, so scanning must not change the FLOPs it reports."""

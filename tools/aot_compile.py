@@ -129,14 +129,37 @@ def total_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
+class CompileOom(Exception):
+    """The TPU compiler refused the step: its buffers exceed the chip's HBM."""
+
+    def __init__(self, program, compile_s, temp_bytes, usable_bytes, message):
+        super().__init__(message)
+        self.program, self.compile_s = program, compile_s
+        self.temp_bytes, self.usable_bytes = temp_bytes, usable_bytes
+
+
+_UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
 def compile_step(config, devices):
-    """(TrainProgram, compiled train step, compile seconds) on `devices`."""
+    """(TrainProgram, compiled train step, compile seconds) on `devices`;
+    CompileOom when the step cannot fit, with the sizes XLA names."""
+    import re
     from t5lab import sharding
     from t5lab.train_step import build_program
     mesh = sharding.make_mesh(config.mesh, devices)
     t0 = time.time()
     program = build_program(config, mesh)
-    compiled = program.lower_train().compile()
+    try:
+        compiled = program.lower_train().compile()
+    except Exception as e:  # noqa: BLE001  JaxRuntimeError; only its OOM form is expected
+        found = re.search(r"required for .*?\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)",
+                          str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+            raise
+        need, unit, have, unit2 = found.groups()
+        raise CompileOom(program, time.time() - t0, float(need) * _UNITS[unit],
+                         float(have) * _UNITS[unit2], str(e).splitlines()[0]) from None
     return program, compiled, time.time() - t0
 
 
@@ -179,7 +202,21 @@ def plan(config, mesh_sizes: dict, devices, chip: Chip) -> dict:
     for axis, size in mesh_sizes.items():
         config.mesh[axis] = size
     config_lib.validate(config)
-    program, compiled, compile_s = compile_step(config, devices)
+    hbm = chip.hbm_gib * GIB
+    try:
+        program, compiled, compile_s = compile_step(config, devices)
+    except CompileOom as oom:
+        # The compiler stops before a memory analysis: report what it needs.
+        state = oom.program.abstract_state
+        return {"mesh": dict(oom.program.mesh.shape), "chips": len(devices),
+                "params": sum(x.size for x in jax.tree_util.tree_leaves(state["params"])),
+                "param_bytes": shard_bytes(state["params"]), "opt_bytes": shard_bytes(state["opt_state"]),
+                "temp_bytes": oom.temp_bytes,
+                "peak_bytes": shard_bytes(state) + oom.temp_bytes,  # a lower bound
+                "hbm_bytes": hbm, "fits": False, "xla_flops_per_chip": None,
+                "model_flops_per_step": train._model_flops(config, state["params"]),
+                "step_s": None, "step_source": None, "mfu": None, "compile_s": oom.compile_s,
+                "xla_message": str(oom)}
     mem = compiled.memory_analysis()
     flops, bytes_accessed, xla_s = (scanned_step_cost(config, devices) if config.model.scan_layers
                                     else step_cost(compiled))
@@ -193,7 +230,6 @@ def plan(config, mesh_sizes: dict, devices, chip: Chip) -> dict:
     peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                   + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
     model_flops = train._model_flops(config, state["params"])
-    hbm = chip.hbm_gib * GIB
     return {
         "mesh": dict(program.mesh.shape),
         "chips": chips,
@@ -236,11 +272,16 @@ def describe(row: dict) -> str:
     margin = row["hbm_bytes"] - row["peak_bytes"]
     verdict = (f"fits ({gib(margin)} GiB spare)" if row["fits"]
                else f"DOES NOT FIT (over by {gib(-margin)} GiB)")
-    return "\n".join([
+    head = [
         f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']} on {row['chips']} chips, "
         f"{row['params'] / 1e9:.3g}B params (compiled in {row['compile_s']:.0f}s)",
         f"  per chip: params {gib(row['param_bytes'])} GiB, optimizer state {gib(row['opt_bytes'])} GiB, "
         f"temporaries {gib(row['temp_bytes'])} GiB",
+    ]
+    if row["step_s"] is None:  # the compiler refused it
+        return "\n".join(head + [f"  peak HBM at least {gib(row['peak_bytes'])} / {gib(row['hbm_bytes'])} GiB: "
+                                 f"{verdict}", f"  XLA: {row['xla_message']}"])
+    return "\n".join(head + [
         f"  peak HBM {gib(row['peak_bytes'])} / {gib(row['hbm_bytes'])} GiB: {verdict}",
         f"  FLOPs/step per chip (XLA, with remat) {row['xla_flops_per_chip']:.3e}; "
         f"model FLOPs/step {row['model_flops_per_step']:.3e}",
@@ -251,13 +292,14 @@ def describe(row: dict) -> str:
 
 
 def ranked_table(rows: list[dict]) -> str:
-    rows = sorted(rows, key=lambda r: (not r["fits"], r["step_s"], r["peak_bytes"]))
+    rows = sorted(rows, key=lambda r: (not r["fits"], r["step_s"] or math.inf, r["peak_bytes"]))
     lines = ["rank  data fsdp tensor  peak GiB  fits  step ms   MFU",
              "----  ---- ---- ------  --------  ----  -------  -----"]
     for i, r in enumerate(rows, 1):
         m = r["mesh"]
         lines.append(f"{i:>4}  {m['data']:>4} {m['fsdp']:>4} {m['tensor']:>6}  {gib(r['peak_bytes']):>8}  "
-                     f"{'yes' if r['fits'] else 'no':>4}  {r['step_s'] * 1e3:>7.1f}  {r['mfu'] * 100:>4.1f}%")
+                     f"{'yes' if r['fits'] else 'no':>4}  "
+                     + (f"{r['step_s'] * 1e3:>7.1f}  {r['mfu'] * 100:>4.1f}%" if r["step_s"] else "      -      -"))
     return "\n".join(lines)
 
 
