@@ -37,6 +37,8 @@ def parse(argv):
     p.add_argument("--devices", type=int, default=1, help="simulated CPU devices (data parallel)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     p.add_argument("--skip-extras", action="store_true", help="only the train step")
+    p.add_argument("--compile-only", action="store_true",
+                   help="stop after compiling: compile time, FLOPs, compiled memory")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -69,6 +71,21 @@ def random_batch(config, rows: int, seed: int = 0) -> dict:
         else:  # loss weights (all targets count) and causal-attention flags
             out[name] = np.ones((rows, length), np.int32)
     return out
+
+
+def bench_compile(config) -> dict:
+    from t5lab import sharding
+    from t5lab.train_step import build_program
+    prog = build_program(config, sharding.make_mesh(config.mesh))
+    t0 = time.perf_counter()
+    compiled = prog.lower_train().compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    mem = compiled.memory_analysis()
+    return {"compile_s": compile_s, "flops_per_step": float(cost.get("flops", 0.0)),
+            "compiled_temp_gib": mem.temp_size_in_bytes / 2 ** 30,
+            "peak_host_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
 def bench_step(config, steps: int) -> dict:
@@ -150,6 +167,10 @@ def main(argv=None):
     config = config_lib.load(args.config, base + overrides)
     import jax
 
+    if args.compile_only:
+        out = {"config": args.config, "overrides": overrides, **bench_compile(config)}
+        print(json.dumps(out) if args.json else out)
+        return
     r = bench_step(config, args.steps)
     peak = matmul_peak_flops()
     tokens = args.batch * (args.inputs + args.targets)
