@@ -8,7 +8,10 @@ and without remat. Prints a markdown table per study (--json: JSON lines).
   seq    T5 v1.1 small, --seq-batch rows, inputs 256..2048, targets = inputs / 4
   size   tiny / small / base, batch 16, inputs 256, targets 64
   scan   24 + 24 layers (small widths), compile only, scan_layers false / true
-  remat  small, batch 16, inputs 256, targets 64, remat_policy none / full
+  remat  small, batch 16, inputs 256, targets 64, remat_policy none / full (run), and
+         the same with scan_layers=true (compile only: compiled temp memory)
+Note: XLA counts a scanned body's FLOPs once, so flops_per_step of scanned points
+is per layer-iteration, not per step.
 All float32 AdamW on an unpacked span-corruption-shaped batch, via tools/benchmark.py.
 """
 from __future__ import annotations
@@ -53,6 +56,13 @@ def studies(a):
             yield "remat", f"remat_policy={policy}", run(
                 ["--config", "configs/t5_1_1.py:small", "--batch", "16", "--inputs", "256",
                  "--targets", "64", *steps, f"--config.model.remat_policy={policy}"])
+        # Unrolled layers let XLA:CPU's scheduler keep most activations anyway; the
+        # scanned stack is where remat pays (compiled temp memory, compile only).
+        for policy in ("none", "full"):
+            yield "remat", f"scan_layers=true, remat_policy={policy} (compile only)", run(
+                ["--config", "configs/t5_1_1.py:small", "--batch", "16", "--inputs", "256",
+                 "--targets", "64", "--compile-only", "--config.model.scan_layers=true",
+                 f"--config.model.remat_policy={policy}"])
 
 
 COLUMNS = ("step_s", "tokens_per_s", "flops_per_step", "mfu", "compile_s", "compiled_temp_gib",
