@@ -176,7 +176,7 @@ def build_program(config, mesh, total_steps: int | None = None) -> TrainProgram:
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = _summarise(sums, n_den)
+        metrics = _summarise(sums, n_den, config.train.z_loss)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state["step"])
         metrics["nonpad_fraction"] = batch_stats(batch)
@@ -247,9 +247,10 @@ def _token_features(arch: str) -> tuple[str, ...]:
     return ("encoder_input_tokens",)
 
 
-def _summarise(sums, n_den: int) -> dict:
+def _summarise(sums, n_den: int, z_coeff: float) -> dict:
+    """Per-token means; `loss` is the cross-entropy alone, `z_loss` the added term."""
     w = jnp.maximum(sums["weight"], 1.0)
-    out = {"loss": sums["ce"] / w, "z_loss": sums["z"] / w, "accuracy": sums["correct"] / w,
+    out = {"loss": sums["ce"] / w, "z_loss": z_coeff * sums["z"] / w, "accuracy": sums["correct"] / w,
            "target_tokens": sums["weight"]}
     if n_den:
         out["denoiser_loss"] = sums["den_ce"] / jnp.maximum(sums["den_weight"], 1.0)
