@@ -27,16 +27,22 @@ def cross_entropy_sums(logits, targets, weights, z_loss: float, denoiser_ids=Non
       den_ce, den_weight  per-denoiser CE sums and token counts
     """
     logits = logits.astype(jnp.float32)
-    weights = weights.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return _sums(log_z, target_logit, jnp.argmax(logits, -1) == targets, weights, z_loss,
+                 denoiser_ids, num_denoisers)
+
+
+def _sums(log_z, target_logit, correct, weights, z_loss, denoiser_ids, num_denoisers):
+    """The reported sums from per-token logZ, target logit and correctness."""
+    weights = weights.astype(jnp.float32)
     ce = log_z - target_logit
     z = jnp.square(log_z)
     out = {
         "loss": jnp.sum(weights * (ce + z_loss * z)),
         "ce": jnp.sum(weights * ce),
         "z": jnp.sum(weights * z),
-        "correct": jnp.sum(weights * (jnp.argmax(logits, -1) == targets)),
+        "correct": jnp.sum(weights * correct),
         "weight": jnp.sum(weights),
     }
     if num_denoisers:
@@ -128,19 +134,6 @@ def head_cross_entropy_sums(hidden, head, targets, weights, z_loss: float, denoi
     returned by `model.apply(..., return_hidden=True)`; head: [embed, vocab] from
     `models.head_matrix`. Same keys and values; `correct` counts a token right
     when its target logit is the row maximum (argmax up to exact ties)."""
-    weights = weights.astype(jnp.float32)
     log_z, target_logit, row_max = _head_ce(hidden, head, targets)
-    ce = log_z - target_logit
-    z = jnp.square(log_z)
-    out = {
-        "loss": jnp.sum(weights * (ce + z_loss * z)),
-        "ce": jnp.sum(weights * ce),
-        "z": jnp.sum(weights * z),
-        "correct": jnp.sum(weights * (target_logit >= row_max)),
-        "weight": jnp.sum(weights),
-    }
-    if num_denoisers:
-        onehot = jax.nn.one_hot(denoiser_ids, num_denoisers, dtype=jnp.float32) * weights[..., None]
-        out["den_ce"] = jnp.einsum("bl,bld->d", ce, onehot)
-        out["den_weight"] = jnp.sum(onehot, axis=(0, 1))
-    return out
+    return _sums(log_z, target_logit, target_logit >= row_max, weights, z_loss, denoiser_ids,
+                 num_denoisers)
