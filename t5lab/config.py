@@ -44,7 +44,6 @@ def schema() -> ml_collections.ConfigDict:
     m.dtype = "float32"          # compute dtype; params stay float32
     m.scan_layers = False        # nn.scan over layers: fast compiles for deep models
     m.remat_policy = "none"      # one of REMAT_POLICIES
-    m.attention_chunk = 0        # reserved: >0 computes attention in query chunks
 
     # ----------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
@@ -67,7 +66,6 @@ def schema() -> ml_collections.ConfigDict:
     d.inputs_length = 128        # encoder (or prefix) length of a packed row
     d.targets_length = 64        # decoder length (decoder-only: total length)
     d.pack = True
-    d.shuffle_buffer = 1000      # documents
     d.num_workers = 0            # grain worker processes; 0 runs in the trainer
     d.seed = 0
 
