@@ -381,8 +381,9 @@ def write_tokenizer(spm_model: str, out_dir: str, llama: bool = False):
     special = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
     if llama:
         shutil.copyfile(spm_model, os.path.join(out_dir, "tokenizer.model"))
-        tok = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-               "bos_token": None, "legacy": False, **special}
+        tok = {"tokenizer_class": "PreTrainedTokenizerFast" if extra_ids == 0 else "LlamaTokenizer",
+               "add_bos_token": False, "add_eos_token": False, "bos_token": None, "legacy": False,
+               **special}
     else:
         shutil.copyfile(spm_model, os.path.join(out_dir, "spiece.model"))
         # transformers' T5Tokenizer rebuilds T5's normaliser from spiece.model; the

@@ -76,3 +76,17 @@ def test_convert_tool_reads_a_checkpoint(run_dir, tmp_path):
 def test_export_of_a_non_workdir_is_named(tmp_path, capsys):
     assert cli.main(["export", "--workdir", str(tmp_path / "nothing")]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def test_llama_tokenizer_files_agree_too(run_dir, tmp_path):
+    from t5lab import hf
+    from t5lab.data.tokenizer import Tokenizer
+    wd, _ = run_dir
+    spm = os.path.join(wd, "tokenizer.model")
+    out = tmp_path / "llama_tok"
+    out.mkdir()
+    hf.write_tokenizer(spm, str(out), llama=True)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = "for x in range(3):\n\tprint(x)   # déjà vu"
+    ids = [int(i) for i in Tokenizer(spm).encode_batch([text])[0]]
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
