@@ -6,6 +6,7 @@ compute happens in `dtype`, with norms and softmax in float32.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -36,6 +37,47 @@ def fan_in_init(scale: float = 1.0, in_axis=-2, out_axis=-1, distribution="trunc
     fan is the product of the contracted dims, as for the flattened matrix."""
     return nn.initializers.variance_scaling(scale, "fan_in", distribution,
                                             in_axis=in_axis, out_axis=out_axis)
+
+
+def dense(x, kernels, n_in: int = 1):
+    """x [..., in] contracted with each kernel [in..., out...] over x's last
+    `n_in` dims (the kernels' first `n_in`): one output per kernel.
+
+    A hand-written VJP computes every kernel gradient as a plain 2-D
+    [in, tokens] @ [tokens, out] product from one shared transposed copy of the
+    input (or, when the outputs are narrower than the input, from transposed
+    output gradients): autodiff's einsum transposes let XLA transpose each wide
+    output gradient, e.g. both [tokens, d_ff] gated-MLP gradients, per kernel."""
+    return _dense(n_in, x, *kernels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense(n_in, x, *kernels):
+    lead, width = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+    x2 = x.reshape(-1, width)
+    return tuple((x2 @ k.reshape(width, -1)).reshape(*lead, *k.shape[n_in:]) for k in kernels)
+
+
+def _dense_fwd(n_in, x, *kernels):
+    return _dense(n_in, x, *kernels), (x, kernels)
+
+
+def _dense_bwd(n_in, res, gs):
+    x, kernels = res
+    width = math.prod(x.shape[x.ndim - n_in:])
+    x2 = x.reshape(-1, width)
+    g2 = [g.reshape(x2.shape[0], -1).astype(x.dtype) for g in gs]
+    dx = sum(jnp.einsum("nm,dm->nd", g, k.reshape(width, -1)) for g, k in zip(g2, kernels))
+    if width <= sum(g.shape[1] for g in g2):
+        xt = x2.T
+        dks = [xt @ g for g in g2]
+    else:
+        dks = [(g.T @ x2).T for g in g2]
+    return (dx.reshape(x.shape).astype(x.dtype),
+            *(dk.reshape(k.shape).astype(k.dtype) for dk, k in zip(dks, kernels)))
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class RMSNorm(nn.Module):
@@ -139,11 +181,16 @@ class HeadsProjection(nn.Module):
     dtype: Any = F32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, kernel_only: bool = False):
         kernel = param(self, "kernel", self.kernel_init, (x.shape[-1], self.num_heads, self.head_dim),
-                       ("embed", "heads", "kv"))
-        y = jnp.einsum("btd,dhk->bthk", x, kernel.astype(self.dtype))
-        return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
+                       ("embed", "heads", "kv")).astype(self.dtype)
+        if kernel_only:  # Attention projects q, k, v from one input in one `dense`
+            return kernel
+        return constrain_heads(dense(x, [kernel])[0])
+
+
+def constrain_heads(y):
+    return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
 
 class OutputProjection(nn.Module):
@@ -155,7 +202,7 @@ class OutputProjection(nn.Module):
     def __call__(self, y):
         kernel = param(self, "kernel", fan_in_init(1.0, (0, 1), 2, "normal"),
                        (y.shape[-2], y.shape[-1], self.features), ("heads", "kv", "embed"))
-        return jnp.einsum("bthk,hkd->btd", y, kernel.astype(self.dtype))
+        return dense(y, [kernel.astype(self.dtype)], n_in=2)[0]
 
 
 class Attention(nn.Module):
@@ -179,9 +226,16 @@ class Attention(nn.Module):
                  deterministic=True, decode=False, cache_index=None):
         h, dh = self.num_heads, self.head_dim
         q_scale = 1.0 if self.scale_logits else 1.0 / math.sqrt(dh)
-        q = HeadsProjection(h, dh, fan_in_init(q_scale, 0, (1, 2), "normal"), self.dtype, name="query")(x_q)
-        k = HeadsProjection(h, dh, fan_in_init(1.0, 0, (1, 2), "normal"), self.dtype, name="key")(x_kv)
-        v = HeadsProjection(h, dh, fan_in_init(1.0, 0, (1, 2), "normal"), self.dtype, name="value")(x_kv)
+        q_proj = HeadsProjection(h, dh, fan_in_init(q_scale, 0, (1, 2), "normal"), self.dtype, name="query")
+        k_proj = HeadsProjection(h, dh, fan_in_init(1.0, 0, (1, 2), "normal"), self.dtype, name="key")
+        v_proj = HeadsProjection(h, dh, fan_in_init(1.0, 0, (1, 2), "normal"), self.dtype, name="value")
+        # Projections of one input share one `dense`: its backward pass transposes that input once.
+        if x_kv is x_q:
+            q, k, v = dense(x_q, [q_proj(x_q, True), k_proj(x_q, True), v_proj(x_q, True)])
+        else:
+            q = dense(x_q, [q_proj(x_q, True)])[0]
+            k, v = dense(x_kv, [k_proj(x_kv, True), v_proj(x_kv, True)])
+        q, k, v = constrain_heads(q), constrain_heads(k), constrain_heads(v)
         if self.rope_theta is not None:
             q = apply_rope(q, q_pos, self.rope_theta)
             k = apply_rope(k, q_pos if decode else k_pos, self.rope_theta)  # new keys sit at q_pos
@@ -263,16 +317,16 @@ class Mlp(nn.Module):
     def __call__(self, x, deterministic=True):
         d = x.shape[-1]
 
-        def dense_in(name):
-            kernel = param(self, name, fan_in_init(), (d, self.d_ff), ("embed", "mlp"))
-            y = jnp.einsum("btd,df->btf", x, kernel.astype(self.dtype))
-            return nn.with_logical_constraint(y, ("batch", "length", "mlp"))
-
+        names = ("wi_0", "wi_1") if self.gated else ("wi",)
+        kernels = [param(self, n, fan_in_init(), (d, self.d_ff), ("embed", "mlp")).astype(self.dtype)
+                   for n in names]
+        # One `dense` for both gated inputs: its backward pass transposes x once.
+        pre = [nn.with_logical_constraint(y, ("batch", "length", "mlp")) for y in dense(x, kernels)]
         act = ACTIVATIONS[self.activation]
         if self.gated and self.activation == "gelu_tanh":
-            hidden = gelu_tanh_gate(dense_in("wi_0"), dense_in("wi_1"))
+            hidden = gelu_tanh_gate(*pre)
         else:
-            hidden = act(dense_in("wi_0")) * dense_in("wi_1") if self.gated else act(dense_in("wi"))
+            hidden = act(pre[0]) * pre[1] if self.gated else act(pre[0])
         hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
         wo = param(self, "wo", fan_in_init(), (self.d_ff, d), ("mlp", "embed"))
-        return jnp.einsum("btf,fd->btd", hidden, wo.astype(self.dtype))
+        return dense(hidden, [wo.astype(self.dtype)])[0]
