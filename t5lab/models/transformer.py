@@ -17,7 +17,6 @@ have a leading 'layers' axis):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
