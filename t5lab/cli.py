@@ -38,7 +38,10 @@ def _export(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:  # the process's own command line: a fresh process may re-exec
+        from t5lab import hostenv
+        hostenv.reexec_with_hugepages()
+        argv = sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

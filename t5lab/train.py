@@ -287,4 +287,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from t5lab import hostenv
+    hostenv.reexec_with_hugepages()
     main()

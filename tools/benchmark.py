@@ -152,6 +152,9 @@ def bench_checkpoint(state, prog) -> tuple[float, float]:
 
 
 def main(argv=None):
+    if argv is None:  # a fresh process: huge-page-backed malloc (t5lab/hostenv.py)
+        from t5lab import hostenv
+        hostenv.reexec_with_hugepages()
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.devices > 1:
@@ -190,6 +193,7 @@ def main(argv=None):
         "compile_s": r["compile_s"],
         "peak_host_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
         "loss": r["loss"],
+        "hugepage_malloc": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""),
     }
     if not args.skip_extras:
         data_cfg = config_lib.load(args.config, [
