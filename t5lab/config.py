@@ -43,6 +43,7 @@ def schema() -> ml_collections.ConfigDict:
     m.norm_eps = 1e-6
     m.dtype = "float32"          # compute dtype; params stay float32
     m.scan_layers = False        # nn.scan over layers: fast compiles for deep models
+    m.scan_unroll = 1            # layers per loop iteration when scanned (compile time vs. speed)
     m.remat_policy = "none"      # one of REMAT_POLICIES
 
     # ----------------------------------------------------------------- data
@@ -169,6 +170,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} is not one of {DTYPES}")
     _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
              f"{m.remat_policy!r} is not one of {REMAT_POLICIES}")
+    _require(m.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {m.scan_unroll}")
     _require(0.0 <= m.dropout_rate < 1.0, "model.dropout_rate", "must be in [0, 1)")
     _require(m.relpos_buckets > 0 and m.relpos_max_distance > 0, "model.relpos_buckets",
              "buckets and max distance must be positive")

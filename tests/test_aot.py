@@ -56,8 +56,10 @@ def test_too_big_a_step_is_reported_as_not_fitting(tmp_path):
 
 @needs_libtpu
 def test_scanned_layers_cost_matches_unscanned(tmp_path):
-    """XLA counts a while loop's body once; the tool extrapolates from shallow
-    unscanned compiles, so scanning must not change the FLOPs it reports."""
+    """XLA counts a while loop's body once (here 4 layers would look like ~1);
+    the tool extrapolates from a second compile with two layers per loop
+    iteration, so scanning must not change the FLOPs it reports (beyond the
+    loop's own bookkeeping)."""
     rows = []
     for scan in ("false", "true"):
         out = tmp_path / f"{scan}.jsonl"
@@ -67,7 +69,7 @@ def test_scanned_layers_cost_matches_unscanned(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         rows.append(json.loads(out.read_text()))
     flat, scanned = rows
-    assert scanned["xla_flops_per_chip"] == pytest.approx(flat["xla_flops_per_chip"], rel=0.02)
+    assert scanned["xla_flops_per_chip"] == pytest.approx(flat["xla_flops_per_chip"], rel=0.04)
 
 
 def test_unknown_topology_is_one_line():

@@ -160,6 +160,9 @@ def test_scan_and_remat_give_same_logits_and_grads():
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(_stack_layers(g1)), jax.tree.leaves(g2)):
         np.testing.assert_allclose(x, y, atol=1e-6)
+    # Two layers per loop iteration: the same function of the same params.
+    unrolled = models.build(make_config(arch="encoder_decoder", scan_layers=True, scan_unroll=2))
+    np.testing.assert_allclose(jax.jit(loss(unrolled))(stacked), l1, rtol=1e-6)
 
 
 def test_bfloat16_compute_is_close_to_float32(arch):

@@ -171,27 +171,30 @@ def step_cost(compiled) -> tuple[float, float, float]:
             float(cost.get("optimal_seconds", 0.0)))
 
 
-def scanned_step_cost(config, devices) -> tuple[float, float, float]:
+def scanned_step_cost(config, devices, compiled) -> tuple[float, float, float]:
     """XLA's cost analysis counts a while loop's body once, so a scanned stack
-    of L layers looks like one layer. The cost is linear in the layer counts:
-    fit it on shallow unscanned copies (1 and 2 layers per stack, compiled in
-    seconds) and extrapolate to the real depth."""
+    of L layers looks like one layer: `compiled` costs c1 = rest + one layer.
+    The same step with two layers per loop iteration (model.scan_unroll=2)
+    costs c2 = rest + two layers, so the real step is c1 + (L - 1)(c2 - c1):
+    one more compile, as quick as the scanned one. Stacks of different depths
+    need each stack's layer on its own: fitted on shallow unscanned copies
+    (1/1, 2/1 and 1/2 layers)."""
     m = config.model
     enc, dec = m.num_layers, (m.num_decoder_layers if m.num_decoder_layers > 0 else m.num_layers)
-    tied = m.num_decoder_layers <= 0  # one knob moves both stacks
-    points = [(1, 1), (2, 2)] if tied else [(1, 1), (2, 1), (1, 2)]
+    if m.arch != "encoder_decoder" or enc == dec:
+        twice = config.copy_and_resolve_references()
+        twice.model.scan_unroll = 2 * m.scan_unroll
+        one, two = step_cost(compiled), step_cost(compile_step(twice, devices)[1])
+        per_layer = [(t - o) / m.scan_unroll for o, t in zip(one, two)]
+        return tuple(o + (enc - m.scan_unroll) * p for o, p in zip(one, per_layer))
     costs = []
-    for e, d in points:
+    for e, d in [(1, 1), (2, 1), (1, 2)]:
         shallow = config.copy_and_resolve_references()
         shallow.model.scan_layers = False
-        shallow.model.num_layers = e
-        shallow.model.num_decoder_layers = -1 if tied else d
+        shallow.model.num_layers, shallow.model.num_decoder_layers = e, d
         costs.append(step_cost(compile_step(shallow, devices)[1]))
-    base, one = costs[0], costs[1]
-    if tied:
-        return tuple(b + (enc - 1) * (o - b) for b, o in zip(base, one))
-    two = costs[2]
-    return tuple(b + (enc - 1) * (o - b) + (dec - 1) * (t - b) for b, o, t in zip(base, one, two))
+    base, more_enc, more_dec = costs
+    return tuple(b + (enc - 1) * (x - b) + (dec - 1) * (y - b) for b, x, y in zip(base, more_enc, more_dec))
 
 
 def plan(config, mesh_sizes: dict, devices, chip: Chip) -> dict:
@@ -218,7 +221,7 @@ def plan(config, mesh_sizes: dict, devices, chip: Chip) -> dict:
                 "step_s": None, "step_source": None, "mfu": None, "compile_s": oom.compile_s,
                 "xla_message": str(oom)}
     mem = compiled.memory_analysis()
-    flops, bytes_accessed, xla_s = (scanned_step_cost(config, devices) if config.model.scan_layers
+    flops, bytes_accessed, xla_s = (scanned_step_cost(config, devices, compiled) if config.model.scan_layers
                                     else step_cost(compiled))
     if xla_s > 0:
         step_s, step_source = xla_s, "xla"

@@ -58,6 +58,7 @@ class ModelConfig:
     norm_eps: float
     dtype: str
     scan_layers: bool
+    scan_unroll: int
     remat_policy: str
 
     @classmethod
@@ -188,6 +189,7 @@ class Stack(nn.Module):
             scanned = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
+                              unroll=cfg.scan_unroll,
                               metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = scanned(cfg, self.causal, self.cross, deterministic, decode, name="layers")(x, *args)
         else:
