@@ -60,7 +60,7 @@ setup() {
   "${gcloud_tpu[@]}" tpu-vm scp "$tarball" "$TPU_NAME:t5lab.tar.gz" "${where[@]}" --worker=all
   rm -f "$tarball"
   on_workers all "rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar xzf t5lab.tar.gz -C $REMOTE_DIR \
-    && cd $REMOTE_DIR && pip install -q -U 'jax[tpu]' && pip install -q -e ."
+    && cd $REMOTE_DIR && pip install -q -U 'jax[tpu]' && pip install -q -e '.[gcs]'"
 }
 
 train() {

@@ -7,12 +7,13 @@ an (async) save leaves no step behind that `latest_step` would pick up.
 from __future__ import annotations
 
 import logging
-import os
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from t5lab import storage
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +24,15 @@ class CheckpointMismatch(ValueError):
 
 def _checkpoint_root(path: str) -> str:
     """Accepts a workdir, its checkpoints/ folder, or one step folder."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints")
+    path = storage.absolute(path)
+    if storage.isdir(storage.join(path, "checkpoints")):
+        return storage.join(path, "checkpoints")
     return path
 
 
 class Checkpoints:
     def __init__(self, workdir: str, ckpt_cfg, save_data: bool = True):
-        self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.root = storage.join(storage.absolute(workdir), "checkpoints")
         self.save_data = save_data
         items = ("state", "data") if save_data else ("state",)
         handlers = {"state": ocp.StandardCheckpointHandler()}
@@ -125,15 +126,15 @@ def restore_params(checkpoint_dir: str, config=None, step: int | None = None):
     checkpoint_dir: a workdir, its checkpoints/ folder, or a step folder. The
     config is only used to name the file in errors; shapes come from the file."""
     root = _checkpoint_root(checkpoint_dir)
-    if os.path.isdir(os.path.join(root, "state")):  # a step folder
-        state_dir = os.path.join(root, "state")
+    if storage.isdir(storage.join(root, "state")):  # a step folder
+        state_dir = storage.join(root, "state")
     else:
-        if not os.path.isdir(root):
+        if not storage.isdir(root):
             raise FileNotFoundError(f"no checkpoint directory {checkpoint_dir!r}")
-        steps = sorted(int(d) for d in os.listdir(root) if d.isdigit())
+        steps = sorted(int(d) for d in storage.listdir(root) if d.isdigit())
         if not steps:
             raise FileNotFoundError(f"{root}: holds no complete checkpoint")
-        state_dir = os.path.join(root, str(step if step is not None else steps[-1]), "state")
+        state_dir = storage.join(root, str(step if step is not None else steps[-1]), "state")
     with ocp.PyTreeCheckpointer() as ckptr:
         tree = ckptr.metadata(state_dir).item_metadata.tree
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

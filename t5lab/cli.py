@@ -9,31 +9,38 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 USAGE = __doc__.split("\n\n", 1)[1]
 
 
 def _export(argv: list[str]) -> None:
-    from t5lab import checkpointing, config as config_lib, hf
+    from t5lab import checkpointing, config as config_lib, hf, storage
     _, flags = config_lib.parse_args(argv)
     unknown = set(flags) - {"workdir", "out", "step"}
     if unknown or "workdir" not in flags:
         raise config_lib.ConfigError("usage: t5lab export --workdir DIR [--out DIR] [--step N]")
     workdir = flags["workdir"]
-    cfg_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(cfg_path):
+    cfg_path = storage.join(workdir, "config.json")
+    if not storage.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: not a t5lab workdir (no config.json)")
+    if storage.is_remote(workdir) and "out" not in flags:
+        raise config_lib.ConfigError(f"--out: give a local directory to export {workdir} into")
     config = config_lib.schema()
-    with open(cfg_path) as f:
-        saved = json.load(f)
-    for group, values in saved.items():
+    for group, values in json.loads(storage.read_text(cfg_path)).items():
         for key, value in values.items():
             config[group][key] = value
     step = int(flags["step"]) if "step" in flags else None
     params = checkpointing.restore_params(workdir, config, step=step)
     out = flags.get("out", os.path.join(workdir, "hf"))
-    spm = os.path.join(workdir, "tokenizer.model")
-    hf.save_pretrained(params, config, out, spm_model=spm if os.path.exists(spm) else None)
+    with tempfile.TemporaryDirectory() as tmp:
+        spm = storage.join(workdir, "tokenizer.model")
+        if storage.exists(spm):
+            storage.download(spm, os.path.join(tmp, "tokenizer.model"))
+            spm = os.path.join(tmp, "tokenizer.model")
+        else:
+            spm = None
+        hf.save_pretrained(params, config, out, spm_model=spm)
     print(f"wrote {out}: load it with transformers' from_pretrained({out!r})")
 
 
@@ -46,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    from t5lab import checkpointing, config as config_lib
+    from t5lab import checkpointing, config as config_lib, storage
     try:
         if command == "train":
             from t5lab import train
@@ -56,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"t5lab: unknown command {command!r}\n{USAGE}", file=sys.stderr)
             return 2
-    except (config_lib.ConfigError, checkpointing.CheckpointMismatch, FileNotFoundError) as e:
+    except (config_lib.ConfigError, checkpointing.CheckpointMismatch, FileNotFoundError,
+            storage.StorageError) as e:
         print(f"t5lab: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import struct
 import sys
+import tempfile
 import time
+
+from t5lab import storage
 
 # Peak dense bf16 TFLOP/s per device, for MFU when config.train.peak_tflops_per_device is 0.
 PEAK_TFLOPS = {
@@ -113,18 +117,30 @@ def tfrecord(data: bytes) -> bytes:
 
 
 class MetricWriter:
-    """JSONL + TensorBoard for process 0; a no-op elsewhere."""
+    """JSONL + TensorBoard for process 0; a no-op elsewhere.
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    Object stores (gs://...) cannot append, so for a remote workdir both files
+    are written in a local staging folder and copied up whole, at most every
+    `upload_every` seconds and on close."""
+
+    def __init__(self, workdir: str, enabled: bool = True, upload_every: float = 30.0):
         self.enabled = enabled
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        tb_dir = os.path.join(workdir, "tensorboard")
-        os.makedirs(tb_dir, exist_ok=True)
+        self._remote = workdir if storage.is_remote(workdir) else None
+        self._upload_every, self._uploaded = upload_every, 0.0
+        local = tempfile.mkdtemp(prefix="t5lab-metrics-") if self._remote else workdir
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self._tb = open(os.path.join(tb_dir, name), "ab")
+        self._files = {"metrics.jsonl": os.path.join(local, "metrics.jsonl"),
+                       f"tensorboard/{name}": os.path.join(local, "tensorboard", name)}
+        os.makedirs(os.path.join(local, "tensorboard"), exist_ok=True)
+        if self._remote:
+            storage.makedirs(storage.join(self._remote, "tensorboard"))
+            old = storage.join(self._remote, "metrics.jsonl")
+            if storage.exists(old):  # a resumed run appends to the earlier lines
+                storage.download(old, self._files["metrics.jsonl"])
+        self._jsonl = open(self._files["metrics.jsonl"], "a")
+        self._tb = open(self._files[f"tensorboard/{name}"], "ab")
         self._tb.write(tfrecord(encode_event(0, time.time(), file_version="brain.Event:2")))
 
     def write(self, step: int, scalars: dict):
@@ -136,11 +152,22 @@ class MetricWriter:
         finite = {k: v for k, v in clean.items() if math.isfinite(v)}
         self._tb.write(tfrecord(encode_event(step, time.time(), finite)))
         self._tb.flush()
+        if self._remote and time.time() - self._uploaded >= self._upload_every:
+            self._upload()
+
+    def _upload(self):
+        for rel, local in self._files.items():
+            storage.upload(local, storage.join(self._remote, *rel.split("/")))
+        self._uploaded = time.time()
 
     def close(self):
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+            if self._remote:
+                self._upload()
+                shutil.rmtree(os.path.dirname(self._files["metrics.jsonl"]), ignore_errors=True)
+            self.enabled = False
 
 
 class Progress:

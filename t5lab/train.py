@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import signal
 import sys
 import time
@@ -21,7 +19,9 @@ import time
 import jax
 import numpy as np
 
-from t5lab import checkpointing, config as config_lib, metrics as metrics_lib, sharding
+from t5lab import checkpointing, sharding, storage
+from t5lab import config as config_lib
+from t5lab import metrics as metrics_lib
 from t5lab.train_step import build_program, global_batch, num_denoisers, params_by_stack
 
 log = logging.getLogger("t5lab")
@@ -75,11 +75,10 @@ def _prepare_tokenizer(config, workdir: str) -> str:
 
 
 def _check_workdir_config(workdir: str, config) -> None:
-    saved = os.path.join(workdir, "config.json")
-    if not os.path.exists(saved):
+    saved = storage.join(workdir, "config.json")
+    if not storage.exists(saved):
         return
-    with open(saved) as f:
-        old = json.load(f)["model"]
+    old = json.loads(storage.read_text(saved))["model"]
     for key in ARCH_KEYS:
         if key in old and old[key] != config.model[key]:
             raise checkpointing.CheckpointMismatch(
@@ -108,10 +107,11 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
     from t5lab.data import pipeline
     from t5lab.data.denoising import DENOISER_NAMES
 
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     is_main = jax.process_index() == 0
     # ---- everything that can fail on bad input, before anything is written
     try:
+        storage.check(workdir)
         _check_workdir_config(workdir, config)
         tok_path = _prepare_tokenizer(config, workdir)
         train_ds = pipeline.make_dataset(config, "train", tokenizer_path=tok_path)
@@ -119,6 +119,8 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
         program = build_program(config, mesh)
     except (config_lib.ConfigError, checkpointing.CheckpointMismatch, FileNotFoundError):
         raise
+    except storage.StorageError as e:
+        raise config_lib.ConfigError(f"--workdir {e}") from None
     except (ValueError, KeyError) as e:  # the data, tokenizer or optimizer refused the input
         raise config_lib.ConfigError(e.args[0] if e.args else repr(e)) from e
     ckpts = checkpointing.Checkpoints(workdir, config.checkpoint)
@@ -136,11 +138,10 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
         origin = "initialised at random"
 
     if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        if not os.path.exists(os.path.join(workdir, "tokenizer.model")):
-            shutil.copyfile(tok_path, os.path.join(workdir, "tokenizer.model"))
+        storage.makedirs(workdir)
+        storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        if not storage.exists(storage.join(workdir, "tokenizer.model")):
+            storage.upload(tok_path, storage.join(workdir, "tokenizer.model"))
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     start = int(jax.device_get(state["step"]))
     end = config.train.stop_at_step or config.train.steps
