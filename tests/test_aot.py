@@ -106,3 +106,18 @@ def test_search_candidates_split_chips_heads_and_batch():
         assert m["data"] * m["fsdp"] * m["tensor"] == 64
         assert config.model.num_heads % m["tensor"] == 0 and 64 % (m["data"] * m["fsdp"]) == 0
     assert aot_compile.parse_mesh("fsdp=-1,tensor=4") == {"data": 1, "fsdp": -1, "tensor": 4}
+
+
+@needs_libtpu
+def test_search_with_a_fixed_axis_ranks_the_rest(tmp_path):
+    out = tmp_path / "plan.jsonl"
+    proc = _tool("--config", "configs/t5_1_1.py:tiny", "--topology", "v5e:2x2", "--search",
+                 "--mesh", "data=1", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # tiny has 4 heads: tensor 1, 2, 4 with fsdp filling the 4 chips, data held at 1
+    assert sorted((r["mesh"]["fsdp"], r["mesh"]["tensor"]) for r in rows) == [(1, 4), (2, 2), (4, 1)]
+    assert all(r["mesh"]["data"] == 1 for r in rows)
+    ranked = proc.stdout[proc.stdout.index("rank"):].splitlines()[2:]
+    times = [float(line.split()[6]) for line in ranked]
+    assert len(ranked) == 3 and times == sorted(times)

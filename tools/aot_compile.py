@@ -8,7 +8,9 @@ Topologies are libtpu's names: v4:AxBxC, v5e:AxB, v5p:AxBxC, v6e:AxB (chips per
 dimension, e.g. v5e:4x4 is a v5litepod-16). --mesh sets config.mesh (axes left
 out are 1; one may be -1). --search compiles every sensible mesh (tensor 1..8
 dividing the heads, data x fsdp splitting the rest and the batch) whose train
-state can fit, and prints them ranked: fitting first, then by step time.
+state can fit, and prints them ranked: fitting first, then by step time; with
+--mesh too, the axes it names stay fixed (--search --mesh data=1 tries only
+the fsdp x tensor splits).
 
 Per chip: parameter and optimizer-state bytes (from the state's shardings),
 XLA's temporary bytes, peak HBM (arguments + outputs not aliased to them +
@@ -329,8 +331,11 @@ def main(argv: list[str] | None = None) -> int:
             # Compiling is the slow part: skip meshes whose sharded train state
             # alone (over fsdp x tensor) already exceeds HBM.
             state = state_bytes(config)
+            fixed = {k: v for k, v in parse_mesh(flags.get("mesh", "")).items()
+                     if f"{k}=" in flags.get("mesh", "") and v > 0}
             meshes = [m for m in candidate_meshes(config, len(devices))
-                      if state / (m["fsdp"] * m["tensor"]) <= chip.hbm_gib * GIB]
+                      if state / (m["fsdp"] * m["tensor"]) <= chip.hbm_gib * GIB
+                      and all(m[k] == v for k, v in fixed.items())]
             if not meshes:
                 raise PlanError("no mesh holds the train state in HBM: use more chips or a "
                                 "smaller model/optimizer")
