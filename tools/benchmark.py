@@ -7,7 +7,8 @@ The step runs on a plain (unpacked) span-corruption-shaped batch of exactly
 --batch x (--inputs + --targets) tokens with random ids, AdamW and float32
 unless overridden, one process: the same work as ../shared/bench's peers.
 Reported as medians after warm-up: step time, tokens/s, XLA-counted FLOPs per
-step, achieved FLOP/s and MFU against this machine's measured matmul peak,
+step, achieved FLOP/s and MFU against this machine's matmul peak (measured
+beside every timed step; MFU is the median of the per-step ratios),
 compile time and peak host memory. Two MFUs: `mfu` divides XLA's FLOP count
 (every op the compiled step executes, elementwise included) and `model_mfu` the
 model FLOPs (6 x matmul params x tokens + attention, t5lab.metrics), both by the
@@ -46,19 +47,27 @@ def parse(argv):
     return args, [a[len("--config."):] for a in rest]
 
 
-def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
-    """This machine's float32 matmul FLOP/s: the best of `reps` n x n products."""
-    import jax
-    import jax.numpy as jnp
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+class MatmulPeak:
+    """This machine's float32 matmul FLOP/s: the best of `reps` n x n products.
+    Measured again beside every timed step, because on a shared machine the
+    FLOP/s on offer moves from minute to minute: MFU is each step's FLOP/s over
+    the peak measured next to it."""
+
+    def __init__(self, n: int = 2048):
+        import jax
+        import jax.numpy as jnp
+        self.n = n
+        self.a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        self.f = jax.jit(lambda x: x @ x)
+        self.f(self.a).block_until_ready()
+
+    def __call__(self, reps: int = 5) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            self.f(self.a).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        return 2 * self.n ** 3 / best
 
 
 def random_batch(config, rows: int, seed: int = 0) -> dict:
@@ -108,14 +117,17 @@ def bench_step(config, steps: int) -> dict:
     batch = global_batch(random_batch(config, config.train.batch_size), prog.batch_sharding)
     state, m = compiled(state, batch)  # warm-up
     jax.block_until_ready(m)
-    times = []
+    peak = MatmulPeak()
+    times, peaks = [], []
     for _ in range(steps):
         t = time.perf_counter()
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
+        peaks.append(peak())
     from t5lab.train import _model_flops
-    return {"step_s": float(np.median(times)), "compile_s": compile_s, "temp_bytes": temp_bytes,
+    return {"step_s": float(np.median(times)), "times": times, "peaks": peaks,
+            "compile_s": compile_s, "temp_bytes": temp_bytes,
             "model_flops": float(_model_flops(config, state["params"])),
             "flops_per_step": float(cost.get("flops", 0.0)), "loss": float(m["loss"]),
             "nonpad_fraction": float(m["nonpad_fraction"]), "state": state, "prog": prog}
@@ -175,7 +187,9 @@ def main(argv=None):
         print(json.dumps(out) if args.json else out)
         return
     r = bench_step(config, args.steps)
-    peak = matmul_peak_flops()
+    peak = float(np.median(r["peaks"]))
+    # per step: its FLOP/s over the matmul peak measured right after it
+    step_mfu = [1 / (t * p * jax.device_count()) for t, p in zip(r["times"], r["peaks"])]
     tokens = args.batch * (args.inputs + args.targets)
     out = {
         "config": args.config, "overrides": overrides, "devices": jax.device_count(),
@@ -186,9 +200,9 @@ def main(argv=None):
         "flops_per_step": r["flops_per_step"],
         "achieved_flops_per_s": r["flops_per_step"] / r["step_s"],
         "matmul_peak_flops_per_s": peak,
-        "mfu": r["flops_per_step"] / r["step_s"] / (peak * jax.device_count()),
+        "mfu": r["flops_per_step"] * float(np.median(step_mfu)),
         "model_flops_per_step": r["model_flops"],
-        "model_mfu": r["model_flops"] / r["step_s"] / (peak * jax.device_count()),
+        "model_mfu": r["model_flops"] * float(np.median(step_mfu)),
         "compiled_temp_gib": r["temp_bytes"] / 2 ** 30,
         "compile_s": r["compile_s"],
         "peak_host_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
