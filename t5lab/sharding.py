@@ -86,13 +86,18 @@ def initialize_distributed() -> None:
     if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
         return
     coord = os.environ.get("T5LAB_COORDINATOR")
+    several = coord or os.environ.get("T5LAB_DISTRIBUTED") == "1" or (
+        "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1)
+    if not several:
+        return
+    # Cross-process collectives of the CPU backend (CPU-only clusters, the local
+    # stand-in); GPU and TPU collectives do not read this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coord:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=coord,
             num_processes=int(os.environ["T5LAB_NUM_PROCESSES"]),
             process_id=int(os.environ["T5LAB_PROCESS_ID"]),
         )
-    elif os.environ.get("T5LAB_DISTRIBUTED") == "1" or "SLURM_JOB_ID" in os.environ and \
-            int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    else:
         jax.distributed.initialize()

@@ -1,5 +1,6 @@
-"""launch/multiprocess.sh: real jax.distributed over 127.0.0.1 (2 processes x 4
-CPU devices) against one process with 8 devices.
+"""launch/multiprocess.sh and launch/slurm.sbatch: real jax.distributed over
+127.0.0.1 (2 processes x 4 CPU devices) against one process with 8 devices;
+launch/tpu_vm.sh against a stand-in gcloud.
 
 The data pipeline gives each process its own shard of the documents, so the
 single-process reference is fed exactly the rows the two processes read
@@ -106,6 +107,58 @@ def test_two_process_checkpoint_restores_in_one_process(runs):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+# srun cannot exist here: this stand-in starts SLURM_NTASKS copies of its
+# command on this machine with the variables real srun gives each task.
+FAKE_SRUN = """#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NODELIST=localhost "$@" > "$FAKE_SRUN_LOGS/$i.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=$?; done
+exit $status
+"""
+
+
+def _free_slurm_job_id() -> int:
+    """A job id whose coordinator port (JAX: 61440 + id % 4096) is free here."""
+    import random
+    import socket
+    for port in random.sample(range(61440, 65536), 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port - 61440
+    raise RuntimeError("no free port in 61440-65535")
+
+
+def test_slurm_script_trains_like_one_process(runs, tmp_path):
+    """launch/slurm.sbatch under a stand-in srun (2 tasks on this machine):
+    jax.distributed.initialize() finds the coordinator, process count and ids
+    in SLURM's variables alone, and the run matches the 1-process reference."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    job_id = _free_slurm_job_id()
+    workdir = str(tmp_path / "slurm")
+    env = _env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_SRUN_LOGS=str(tmp_path),
+               SLURM_JOB_ID=str(job_id), SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run(["bash", "launch/slurm.sbatch", *TRAIN_ARGS, "--workdir", workdir],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    logs = [(tmp_path / f"{i}.log").read_text() for i in range(2)]
+    assert proc.returncode == 0, proc.stderr[-2000:] + logs[0][-3000:] + logs[1][-3000:]
+    assert "2 processes" in logs[0]
+    _, loss_slurm = _losses(workdir)
+    _, loss_single = _losses(runs[1])
+    np.testing.assert_allclose(loss_slurm, loss_single, rtol=0, atol=1e-5)
+
+
 def test_one_failing_process_fails_the_launch():
     # Bad input fails in every process before jax.distributed starts; the
     # launcher must exit with the trainers' status, not hang or report success.
@@ -126,3 +179,84 @@ def test_usage_errors():
 @pytest.mark.parametrize("script", ["local.sh", "multiprocess.sh", "tpu_vm.sh", "slurm.sbatch"])
 def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", os.path.join(ROOT, "launch", script)]).returncode == 0
+
+
+# gcloud and a TPU cannot exist here: this stand-in records each call (one
+# JSON list per line), copies what `scp` uploads and reports queued resources
+# as ACTIVE, so the test checks the commands tpu_vm.sh would run.
+FAKE_GCLOUD = """#!/usr/bin/env python3
+import json, os, shutil, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:
+    f.write(json.dumps(args) + "\\n")
+if args[2:4] == ["tpu-vm", "scp"]:
+    shutil.copy(args[4], os.environ["FAKE_GCLOUD_LOG"] + ".upload.tar.gz")
+if args[2:4] == ["queued-resources", "describe"]:
+    print("ACTIVE")
+"""
+
+
+def _tpu_vm(tmp_path, *args, **env):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    (bin_dir / "gcloud").chmod(0o755)
+    log = tmp_path / "gcloud.log"
+    log.unlink(missing_ok=True)
+    full_env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_GCLOUD_LOG=str(log),
+                    TPU_NAME="t5", ZONE="us-east5-b", ACCELERATOR_TYPE="v5p-64",
+                    RUNTIME_VERSION="v2-alpha-tpuv5", **env)
+    proc = subprocess.run(["bash", "launch/tpu_vm.sh", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=120)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return proc, calls
+
+
+def _flag(call, name):
+    return call[call.index(name) + 1]
+
+
+def test_tpu_vm_script_issues_the_gcloud_commands(tmp_path):
+    import shlex
+    import tarfile
+
+    proc, calls = _tpu_vm(tmp_path, "create")
+    assert proc.returncode == 0, proc.stderr
+    (call,) = calls
+    assert call[:5] == ["compute", "tpus", "tpu-vm", "create", "t5"]
+    assert (_flag(call, "--zone"), _flag(call, "--accelerator-type"), _flag(call, "--version")) == \
+        ("us-east5-b", "v5p-64", "v2-alpha-tpuv5")
+
+    proc, calls = _tpu_vm(tmp_path, "create", QUEUED="1", SPOT="1")
+    assert proc.returncode == 0, proc.stderr
+    assert calls[0][2:5] == ["queued-resources", "create", "t5"] and "--spot" in calls[0]
+    assert _flag(calls[0], "--node-id") == "t5" and calls[1][2:4] == ["queued-resources", "describe"]
+
+    proc, calls = _tpu_vm(tmp_path, "setup")
+    assert proc.returncode == 0, proc.stderr
+    scp, install = calls
+    assert scp[2:4] == ["tpu-vm", "scp"] and "--worker=all" in scp and "--worker=all" in install
+    with tarfile.open(str(tmp_path / "gcloud.log") + ".upload.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"pyproject.toml", "t5lab/train.py", "launch/tpu_vm.sh"} <= names
+    assert not any(n.startswith(".git/") for n in names)
+    assert "pip install -q -e '.[gcs]'" in _flag(install, "--command")
+
+    # A local workdir would leave each worker's shards on its own disk: refused before any call.
+    proc, calls = _tpu_vm(tmp_path, "train", "--config", "configs/t5_1_1.py:xl", "--workdir", "/tmp/x")
+    assert proc.returncode == 2 and calls == [] and "gs://" in proc.stderr
+
+    train_args = ["--config", "configs/t5_1_1.py:xl", "--workdir", "gs://b/runs/xl",
+                  "--config.train.steps=10", "--config.data.paths=/data/my corpus/*.txt"]
+    proc, calls = _tpu_vm(tmp_path, "train", *train_args)
+    assert proc.returncode == 0, proc.stderr
+    start, stream = calls
+    assert "--worker=all" in start and "--worker=0" in stream
+    remote = _flag(start, "--command")
+    assert "T5LAB_DISTRIBUTED=1" in remote
+    # Every worker's shell must see exactly the arguments given here, spaces included.
+    words = shlex.split(remote.split("python -m t5lab.cli train", 1)[1].split(">", 1)[0])
+    assert words == train_args
+
+    proc, calls = _tpu_vm(tmp_path, "delete", QUEUED="1")
+    assert proc.returncode == 0 and calls[0][2:5] == ["queued-resources", "delete", "t5"]
