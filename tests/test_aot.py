@@ -121,3 +121,21 @@ def test_search_with_a_fixed_axis_ranks_the_rest(tmp_path):
     ranked = proc.stdout[proc.stdout.index("rank"):].splitlines()[2:]
     times = [float(line.split()[6]) for line in ranked]
     assert len(ranked) == 3 and times == sorted(times)
+
+    # The same meshes compiled as separate jobs, appended to one file with the
+    # search's rows and another config's row, rank the same way per config.
+    split = tmp_path / "split.jsonl"
+    for line in out.read_text().splitlines()[::-1]:
+        with open(split, "a") as f:
+            f.write(line + "\n")
+    other = dict(rows[0], config_args=["--config=configs/t5_1_1.py:tiny", "--config.train.batch_size=64"])
+    with open(split, "a") as f:
+        f.write(json.dumps(other) + "\n")
+    proc = _tool("--rank", str(split))
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.split("\n\n")
+    assert first.splitlines()[0] == "v5e:2x2  --config=configs/t5_1_1.py:tiny"
+    assert first.splitlines()[3:] == ranked and len(second.splitlines()) == 4
+    assert "batch_size=64" in second.splitlines()[0]
+    proc = _tool("--rank", str(tmp_path / "missing.jsonl"))
+    assert proc.returncode == 2 and "missing.jsonl" in proc.stderr

@@ -12,6 +12,12 @@ state can fit, and prints them ranked: fitting first, then by step time; with
 --mesh too, the axes it names stay fixed (--search --mesh data=1 tries only
 the fsdp x tensor splits).
 
+    python tools/aot_compile.py --rank FILE
+
+ranks the rows that earlier runs appended to a --json FILE, per topology and
+config, as --search does: a search split into separate jobs (one --mesh each,
+on several machines or over several days) and ranked at the end.
+
 Per chip: parameter and optimizer-state bytes (from the state's shardings),
 XLA's temporary bytes, peak HBM (arguments + outputs not aliased to them +
 temporaries + code) against the chip's capacity, FLOPs per step as XLA counts
@@ -308,10 +314,52 @@ def ranked_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def config_args(argv: list[str]) -> list[str]:
+    """The --config FILE and --config.KEY=VALUE arguments (what identifies a
+    plan's model and training set-up; the mesh is the row's own)."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config") and not a.startswith("--config.mesh."):
+            if "=" not in a and i + 1 < len(argv):
+                out.append(f"{a}={argv[i + 1]}")
+                i += 1
+            else:
+                out.append(a)
+        i += 1
+    return out
+
+
+def rank_file(path: str) -> str:
+    """Ranked tables from the rows of one or several runs' --json files:
+    meshes compiled as separate jobs (e.g. on several machines) ranked as one
+    --search would, per topology and config."""
+    try:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except OSError as e:
+        raise PlanError(f"--rank {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise PlanError(f"--rank {path}: not JSON lines from --json ({e})") from None
+    if not rows:
+        raise PlanError(f"--rank {path}: no rows")
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r.get("topology", "?"), " ".join(r.get("config_args", []))), []).append(r)
+    return "\n\n".join(f"{topology}  {args}\n{ranked_table(g)}" for (topology, args), g in groups.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
+        return 0
+    if argv[:1] == ["--rank"] or (argv and argv[0].startswith("--rank=")):
+        try:
+            print(rank_file(argv[1] if argv[0] == "--rank" and len(argv) > 1 else argv[0].partition("=")[2]))
+        except PlanError as e:
+            print(f"aot_compile: error: {e}", file=sys.stderr)
+            return 2
         return 0
     search = "--search" in argv
     argv = [a for a in argv if a != "--search"]
@@ -355,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(row), flush=True)
             if "json" in flags:
                 with open(flags["json"], "a") as f:
-                    f.write(json.dumps({"topology": flags["topology"], **row}) + "\n")
+                    f.write(json.dumps({"topology": flags["topology"], "config_args": config_args(argv),
+                                        **row}) + "\n")
         if search and rows:
             print("\n" + ranked_table(rows))
     except (PlanError, config_lib.ConfigError, ValueError) as e:
