@@ -260,11 +260,15 @@ def _row_tokens(config) -> int:
     return d.inputs_length
 
 
-def _model_flops(config, params) -> float:
+def _model_flops(config, params, head: bool = True) -> float:
+    """Model FLOPs per step (t5lab.metrics); head=False leaves out the output
+    projection (what remat does not recompute)."""
     m, d, b = config.model, config.data, config.train.batch_size
     counts = params_by_stack(params)
     if m.tie_embeddings:
         counts["head"] += m.vocab_size * m.d_model
+    if not head:
+        counts["head"] = 0
     if m.arch == "encoder_decoder":
         enc_len, dec_len = d.inputs_length, d.targets_length
     elif m.arch == "decoder":

@@ -64,12 +64,17 @@ def test_scanned_layers_cost_matches_unscanned(tmp_path):
     for scan in ("false", "true"):
         out = tmp_path / f"{scan}.jsonl"
         proc = _tool("--config", "configs/t5_1_1.py:tiny", "--topology", "v5e:2x2",
-                     "--mesh", "fsdp=-1", "--config.model.num_layers=4",
+                     "--mesh", "fsdp=-1", "--config.model.num_layers=4", "--config.model.remat_policy=full",
                      f"--config.model.scan_layers={scan}", "--json", str(out))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         rows.append(json.loads(out.read_text()))
     flat, scanned = rows
     assert scanned["xla_flops_per_chip"] == pytest.approx(flat["xla_flops_per_chip"], rel=0.04)
+    # The floor (model FLOPs + the recomputed layer forwards) is a lower bound
+    # of what XLA counts for the unscanned step, and a close one.
+    counted = flat["xla_flops_per_chip"] * flat["chips"]
+    assert flat["floor_flops_per_step"] > 1.3 * flat["model_flops_per_step"]
+    assert flat["floor_flops_per_step"] <= counted <= 1.25 * flat["floor_flops_per_step"]
 
 
 def test_unknown_topology_is_one_line():
