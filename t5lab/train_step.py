@@ -7,6 +7,7 @@ into. tools/aot_compile.py and tools/benchmark.py use it as is.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -212,9 +213,21 @@ def build_program(config, mesh, total_steps: int | None = None) -> TrainProgram:
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+@functools.cache
+def cpu_compiler_options() -> dict | None:
+    """CPU_COMPILER_OPTIONS, or None where this XLA rejects them by name (older
+    versions have no YNNPACK)."""
+    try:
+        jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(
+            compiler_options=CPU_COMPILER_OPTIONS)
+        return dict(CPU_COMPILER_OPTIONS)
+    except Exception:  # noqa: BLE001  JaxRuntimeError: INVALID_ARGUMENT, unknown option
+        return None
+
+
 def compiler_options(mesh) -> dict | None:
     """XLA options for the steps compiled for `mesh`'s platform (None: XLA's own)."""
-    return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
+    return cpu_compiler_options() if mesh.devices.flat[0].platform == "cpu" else None
 
 
 def _opt_state_shardings(name, abstract_opt, abstract_params, param_sh, mesh):

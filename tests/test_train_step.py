@@ -107,3 +107,16 @@ def test_params_are_sharded_as_declared():
     mu = [s for s in jax.tree_util.tree_leaves(prog.state_shardings["opt_state"])
           if hasattr(s, "spec") and tuple(s.spec) == ("tensor", "fsdp")]
     assert len(mu) >= 2
+
+
+def test_cpu_steps_compile_without_ynnpack_fusions():
+    """t5lab compiles CPU steps on XLA's Eigen path (train_step.CPU_COMPILER_OPTIONS)."""
+    from t5lab.train_step import cpu_compiler_options
+    if cpu_compiler_options() is None:
+        pytest.skip("this XLA has no YNNPACK option")
+    x = jax.numpy.ones((64, 64))
+    assert "ynn_fusion" in jax.jit(lambda a: a @ a).lower(x).compile().as_text()  # XLA's default
+    config = tiny("mesh.data=1")
+    prog = build_program(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+    text = prog.lower_train().compile().as_text()
+    assert " dot(" in text and "ynn_fusion" not in text

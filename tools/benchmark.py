@@ -50,7 +50,7 @@ def parse(argv):
 class MatmulPeak:
     """This machine's float32 matmul FLOP/s: the best of `reps` n x n products,
     compiled both with XLA's default CPU options and with the ones t5lab
-    compiles its steps with (train_step.CPU_COMPILER_OPTIONS), so the peak is
+    compiles its steps with (train_step.cpu_compiler_options()), so the peak is
     the faster of the two paths. Measured again beside every timed step,
     because on a shared machine the FLOP/s on offer moves from minute to
     minute: MFU is each step's FLOP/s over the peak measured next to it."""
@@ -58,11 +58,11 @@ class MatmulPeak:
     def __init__(self, n: int = 2048):
         import jax
         import jax.numpy as jnp
-        from t5lab.train_step import CPU_COMPILER_OPTIONS
+        from t5lab.train_step import cpu_compiler_options
         self.n = n
         self.a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
         lowered = jax.jit(lambda x: x @ x).lower(self.a)
-        self.fs = [lowered.compile(), lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)]
+        self.fs = [lowered.compile(compiler_options=opts) for opts in (None, cpu_compiler_options())]
         for f in self.fs:
             f(self.a).block_until_ready()
 
