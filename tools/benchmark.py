@@ -62,7 +62,8 @@ class MatmulPeak:
         self.n = n
         self.a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
         lowered = jax.jit(lambda x: x @ x).lower(self.a)
-        self.fs = [lowered.compile(compiler_options=opts) for opts in (None, cpu_compiler_options())]
+        paths = [None] + ([cpu_compiler_options()] if cpu_compiler_options() else [])
+        self.fs = [lowered.compile(compiler_options=opts) for opts in paths]
         for f in self.fs:
             f(self.a).block_until_ready()
 
