@@ -157,7 +157,12 @@ class RelativePositionBias(nn.Module):
                       (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
         rel = k_pos[:, None, :] - q_pos[:, :, None]
         buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
-        return jnp.moveaxis(jnp.take(table, buckets, axis=1), 0, 1)  # [B, H, Q, K] float32
+        # A one-hot contraction rather than a gather (as t5x does): the gather's
+        # gradient is a scatter whose [Q*K, H] update layout forced a strided
+        # transpose of the logits gradients, ~4% of a T5 small step on CPU; this one
+        # is a plain matmul over the contiguous [H, Q*K] gradient.
+        one_hot = (buckets[..., None] == jnp.arange(self.num_buckets)).astype(F32)
+        return jnp.einsum("hn,bqkn->bhqk", table, one_hot)  # [B, H, Q, K] float32
 
 
 def apply_rope(x, positions, theta: float):
@@ -264,12 +269,11 @@ class Attention(nn.Module):
         return OutputProjection(x_q.shape[-1], self.dtype, name="out")(y)
 
 
-def additive_mask(mask, bias=None):
-    """A boolean mask as a float32 bias (0 where allowed, MASK_VALUE where not),
-    plus `bias`: logits + this == where(mask, logits + bias, ~MASK_VALUE). A fully
+def additive_mask(mask):
+    """A boolean mask as a float32 bias: 0 where allowed, MASK_VALUE where not.
+    logits + this (+ any bias) == where(mask, logits + bias, ~MASK_VALUE); a fully
     masked row still softmaxes to uniform (MASK_VALUE swallows the logits)."""
-    out = jnp.where(mask, 0.0, MASK_VALUE).astype(F32)
-    return out if bias is None else out + bias
+    return jnp.where(mask, 0.0, MASK_VALUE).astype(F32)
 
 
 _GELU_C2 = 2.0 * math.sqrt(2.0 / math.pi)   # gelu_tanh(a) = a * sigmoid(2u),
