@@ -8,7 +8,7 @@ The step runs on a plain (unpacked) span-corruption-shaped batch of exactly
 unless overridden, one process: the same work as ../shared/bench's peers.
 Reported as medians after warm-up: step time, tokens/s, XLA-counted FLOPs per
 step, achieved FLOP/s and MFU against this machine's matmul peak (measured
-beside every timed step; MFU is the median of the per-step ratios),
+just before and just after the back-to-back timed steps, averaged),
 compile time and peak host memory. Two MFUs: `mfu` divides XLA's FLOP count
 (every op the compiled step executes, elementwise included) and `model_mfu` the
 model FLOPs (6 x matmul params x tokens + attention, t5lab.metrics), both by the
@@ -51,9 +51,9 @@ class MatmulPeak:
     """This machine's float32 matmul FLOP/s: the best of `reps` n x n products,
     compiled both with XLA's default CPU options and with the ones t5lab
     compiles its steps with (train_step.cpu_compiler_options()), so the peak is
-    the faster of the two paths. Measured again beside every timed step,
-    because on a shared machine the FLOP/s on offer moves from minute to
-    minute: MFU is each step's FLOP/s over the peak measured next to it."""
+    the faster of the two paths. Measured right before and right after the
+    timed steps, because on a shared machine the FLOP/s on offer moves from
+    minute to minute."""
 
     def __init__(self, n: int = 2048):
         import jax
@@ -122,16 +122,21 @@ def bench_step(config, steps: int) -> dict:
         temp_bytes = float("nan")
     state = prog.init_state(jax.random.key(0))
     batch = global_batch(random_batch(config, config.train.batch_size), prog.batch_sharding)
+    peak = MatmulPeak()
+    peaks = [peak()]
+    # Timed steps run back to back, as in training and as the peer times its own:
+    # here a step that follows a different program (the peak's matmuls) ran
+    # 10-25% slower than one that follows a step, so the peak is measured before
+    # the warm-up step and after the timed ones, never between steps.
     state, m = compiled(state, batch)  # warm-up
     jax.block_until_ready(m)
-    peak = MatmulPeak()
-    times, peaks = [], []
+    times = []
     for _ in range(steps):
         t = time.perf_counter()
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
-        peaks.append(peak())
+    peaks.append(peak())
     from t5lab.train import _model_flops
     return {"step_s": float(np.median(times)), "times": times, "peaks": peaks,
             "compile_s": compile_s, "temp_bytes": temp_bytes,
@@ -194,9 +199,8 @@ def main(argv=None):
         print(json.dumps(out) if args.json else out)
         return
     r = bench_step(config, args.steps)
-    peak = float(np.median(r["peaks"]))
-    # per step: its FLOP/s over the matmul peak measured right after it
-    step_mfu = [1 / (t * p * jax.device_count()) for t, p in zip(r["times"], r["peaks"])]
+    peak = float(np.mean(r["peaks"]))  # before and after the timed steps
+    per_flop = 1 / (r["step_s"] * peak * jax.device_count())
     tokens = args.batch * (args.inputs + args.targets)
     out = {
         "config": args.config, "overrides": overrides, "devices": jax.device_count(),
@@ -207,9 +211,11 @@ def main(argv=None):
         "flops_per_step": r["flops_per_step"],
         "achieved_flops_per_s": r["flops_per_step"] / r["step_s"],
         "matmul_peak_flops_per_s": peak,
-        "mfu": r["flops_per_step"] * float(np.median(step_mfu)),
+        "step_times_s": [round(t, 3) for t in r["times"]],
+        "matmul_peaks_flops_per_s": r["peaks"],
+        "mfu": r["flops_per_step"] * per_flop,
         "model_flops_per_step": r["model_flops"],
-        "model_mfu": r["model_flops"] * float(np.median(step_mfu)),
+        "model_mfu": r["model_flops"] * per_flop,
         "compiled_temp_gib": r["temp_bytes"] / 2 ** 30,
         "compile_s": r["compile_s"],
         "peak_host_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
@@ -227,7 +233,8 @@ def main(argv=None):
         return
     width = max(len(k) for k in out)
     for k, v in out.items():
-        text = f"{v:,.4g}" if isinstance(v, float) else str(v)
+        text = f"{v:,.4g}" if isinstance(v, float) else (
+            ", ".join(f"{x:,.4g}" for x in v) if isinstance(v, list) and v and isinstance(v[0], float) else str(v))
         print(f"{k:<{width}}  {text}")
 
 
