@@ -208,3 +208,25 @@ def test_shards_on_8_devices_and_matches_one_device():
         logits = jax.jit(lambda p, b: model.apply({"params": p}, b))(params, sharded_batch)
     single = model.apply({"params": jax.tree.map(np.asarray, params)}, batch)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(single), atol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_bias_looks_up_its_table_and_scatters_its_gradient(bidirectional):
+    from t5lab.models.layers import RelativePositionBias, relative_position_bucket
+    heads, n_buckets, t = 3, 8, 10
+    module = RelativePositionBias(heads, n_buckets, 20, bidirectional)
+    pos = jnp.arange(t)[None]
+    table = np.random.default_rng(0).normal(size=(heads, n_buckets)).astype(np.float32)
+    buckets = np.asarray(relative_position_bucket(pos[:, None, :] - pos[:, :, None], bidirectional,
+                                                  n_buckets, 20))[0]  # [Q, K]
+    bias = module.apply({"params": {"rel_embedding": table}}, pos, pos)
+    np.testing.assert_array_equal(np.asarray(bias)[0], table[:, buckets])
+    # The gradient of sum(bias * w): each bucket collects the weights of its (q, k) pairs.
+    w = np.random.default_rng(1).normal(size=(1, heads, t, t)).astype(np.float32)
+    grad = jax.grad(lambda tb: jnp.sum(module.apply({"params": {"rel_embedding": tb}}, pos, pos) * w))(table)
+    expected = np.zeros_like(table)
+    for q in range(t):
+        for k in range(t):
+            expected[:, buckets[q, k]] += w[0, :, q, k]
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-6)
+    assert len(set(buckets.ravel())) > 3  # the check spans several buckets
