@@ -92,10 +92,9 @@ class Layer(nn.Module):
         drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
         rope = cfg.position == "rope"
         # bias: the additive self-attention mask; rel_bias: the stack's shared relative
-        # bias [1, H, Q, K] or None. They meet here, per layer, so each layer's
-        # rel_bias gradient is a batch reduction of its own logits gradient; summed
-        # over layers at [B, H, Q, K] before one strided reduction, that gradient
-        # cost ~5% of a T5 small step on CPU and held every layer's logits gradient.
+        # bias [1, H, Q, K] or None. They meet here, per layer, so each layer reduces
+        # its own logits gradient over the batch for rel_bias, instead of every
+        # layer's [B, H, Q, K] gradient being summed and held until after the stack.
         if cfg.relpos_per_layer:
             rel_bias = RelativePositionBias(cfg.num_heads, cfg.relpos_buckets, cfg.relpos_max_distance,
                                             not self.causal, name="relpos")(q_pos, k_pos)
