@@ -90,10 +90,9 @@ def hf_config(config) -> dict:
 
 def _hf_scales_logits(hf: dict) -> bool:
     """Whether the HF model multiplies decoder output by d_model**-0.5 before its
-    lm_head. transformers 5 forces tie_word_embeddings=True for UMT5 (always
-    scales) and keeps T5's old meaning in scale_decoder_outputs."""
-    if hf["model_type"] == "umt5":
-        return True
+    lm_head. transformers 5 forces tie_word_embeddings=True for T5 and UMT5 and
+    keeps the saved value's old meaning in scale_decoder_outputs (for UMT5 only
+    since 5.24: before, it scaled even untied heads, which t5x never did)."""
     return bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)))
 
 
@@ -242,8 +241,8 @@ def _set(tree, path, value):
 
 
 def _head_fold(config, hf_json) -> float:
-    """Factor folded into an exported untied lm_head when the HF class scales
-    logits that t5lab does not (umT5 in transformers 5 always scales)."""
+    """Factor folded into an exported untied lm_head when the HF class would
+    scale logits that t5lab does not."""
     m = config.model
     if m.arch == "encoder_decoder" and not m.tie_embeddings and _hf_scales_logits(hf_json):
         return float(m.d_model) ** 0.5
