@@ -3,8 +3,12 @@ hosts add up exactly; the train step divides by the target-token count once.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+from t5lab.reductions import row_max as _row_max
 
 
 def target_names(arch: str) -> tuple[str, str]:
@@ -80,9 +84,22 @@ def _constrain_logits(logits):
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
+def _vocab_split() -> bool:
+    """Whether the logits' vocab axis is split across devices here (tensor
+    parallelism under the current mesh and logical axis rules): then
+    `row_max` must not fold it, as its halves would live on other devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return False
+    import flax.linen as nn
+    axes = nn.logical_to_mesh_axes(("vocab",))[0]
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    return math.prod(mesh.shape[a] for a in axes) > 1
+
+
 def _head_ce_fwd(hidden, head, targets):
     logits = _head_logits(hidden, head)
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    row_max = _row_max(logits, fold=not _vocab_split())
     # The residual is the max-shifted logits: the backward pass then needs one
     # multiply per element, exp(shifted) * (g * exp(-log_sum)), and no subtract.
     shifted = logits - row_max[..., None]
