@@ -14,6 +14,8 @@ compile time and peak host memory. Two MFUs: `mfu` divides XLA's FLOP count
 model FLOPs (6 x matmul params x tokens + attention, t5lab.metrics), both by the
 step time and the measured float32 matmul peak; plus, unless --skip-extras, the UL2 data
 pipeline's packed tokens/s and an Orbax save and restore of the train state.
+--dot-floor adds the step's matmul floor (tools/dot_floor.py): its dots timed
+one by one, the step time and MFU were everything else free.
 """
 from __future__ import annotations
 
@@ -40,10 +42,15 @@ def parse(argv):
     p.add_argument("--skip-extras", action="store_true", help="only the train step")
     p.add_argument("--compile-only", action="store_true",
                    help="stop after compiling: compile time, FLOPs, compiled memory")
+    p.add_argument("--dot-floor", action="store_true",
+                   help="also time each of the step's matmuls alone (tools/dot_floor.py): "
+                        "the step time and MFU if everything else were free")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         p.error(f"unrecognised arguments: {' '.join(bad)}")
+    if args.dot_floor and args.devices != 1:
+        p.error("--dot-floor: one device only (simulated devices share the same cores)")
     return args, [a[len("--config."):] for a in rest]
 
 
@@ -142,7 +149,8 @@ def bench_step(config, steps: int) -> dict:
             "compile_s": compile_s, "temp_bytes": temp_bytes,
             "model_flops": float(_model_flops(config, state["params"])),
             "flops_per_step": float(cost.get("flops", 0.0)), "loss": float(m["loss"]),
-            "nonpad_fraction": float(m["nonpad_fraction"]), "state": state, "prog": prog}
+            "nonpad_fraction": float(m["nonpad_fraction"]), "state": state, "prog": prog,
+            "hlo": compiled.as_text()}
 
 
 def bench_data(config, seconds: float = 10.0) -> float:
@@ -222,6 +230,13 @@ def main(argv=None):
         "loss": r["loss"],
         "hugepage_malloc": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""),
     }
+    if args.dot_floor:
+        import dot_floor
+        from t5lab.train_step import compiler_options
+        f = dot_floor.floor(r["hlo"], compiler_options(r["prog"].mesh))
+        out["dot_floor_s"] = f["seconds"]
+        out["dot_floor_gflop"] = f["flops"] / 1e9
+        out["dot_floor_mfu"] = r["flops_per_step"] * per_flop * r["step_s"] / f["seconds"]
     if not args.skip_extras:
         data_cfg = config_lib.load(args.config, [
             "data.objective=ul2", f"data.inputs_length={args.inputs}",

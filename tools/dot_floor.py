@@ -1,0 +1,71 @@
+"""The matmul floor of a compiled step: every dot in its optimised HLO, each
+compiled and timed alone (best of `reps`) with the same operand shapes and
+dimension numbers, times its count. A step can never run faster than this
+sum unless its matmuls themselves get faster, so floor FLOPs / (floor time x
+matmul peak) is the MFU it could reach if all other work were free.
+Used by tools/benchmark.py --dot-floor.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import re
+import time
+
+_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
+_SHAPE = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]")
+_DOT = re.compile(r"\s*(?:ROOT )?%[\w.\-]+ = \w+\[[\d,]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\), ([^\n]*)")
+
+
+def _dims(text: str, key: str) -> tuple[int, ...]:
+    m = re.search(key + r"=\{([\d,]*)\}", text)
+    return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+
+
+def dots(hlo_text: str) -> collections.Counter:
+    """{(dtype, lhs shape, rhs shape, dimension numbers): count} of the module's dots."""
+    shapes = {}
+    for line in hlo_text.splitlines():
+        m = _SHAPE.match(line)
+        if m:
+            shapes[m.group(1)] = (m.group(2), tuple(int(d) for d in m.group(3).split(",") if d))
+    found = collections.Counter()
+    for line in hlo_text.splitlines():
+        m = _DOT.match(line)
+        if not m:
+            continue
+        (dtype, lhs), (_, rhs), rest = shapes[m.group(1)], shapes[m.group(2)], m.group(3)
+        dn = ((_dims(rest, "lhs_contracting_dims"), _dims(rest, "rhs_contracting_dims")),
+              (_dims(rest, "lhs_batch_dims"), _dims(rest, "rhs_batch_dims")))
+        found[(dtype, lhs, rhs, dn)] += 1
+    return found
+
+
+def dot_flops(lhs, rhs, dn) -> float:
+    (lc, rc), (lb, _) = dn
+    contracted = math.prod(lhs[i] for i in lc)
+    batch = math.prod(lhs[i] for i in lb)
+    free_l = math.prod(lhs) // (contracted * batch)
+    free_r = math.prod(rhs) // (contracted * batch)
+    return 2.0 * batch * free_l * free_r * contracted
+
+
+def floor(hlo_text: str, compiler_options=None, reps: int = 5) -> dict:
+    """Seconds and FLOPs of the module's dots, each timed alone."""
+    import jax
+    import jax.numpy as jnp
+    seconds = flops = 0.0
+    found = dots(hlo_text)
+    for (dtype, lhs, rhs, dn), count in found.items():
+        a, b = jnp.ones(lhs, _DTYPES[dtype]), jnp.ones(rhs, _DTYPES[dtype])
+        f = jax.jit(lambda x, y, dn=dn: jax.lax.dot_general(x, y, dn)).lower(a, b).compile(
+            compiler_options=compiler_options)
+        f(a, b).block_until_ready()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            f(a, b).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        seconds += best * count
+        flops += dot_flops(lhs, rhs, dn) * count
+    return {"dots": sum(found.values()), "seconds": seconds, "flops": flops}
