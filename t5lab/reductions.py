@@ -6,9 +6,10 @@ logits takes ~39 ms and over [16, 6, 256, 256] attention logits ~4.7 ms, while
 a plain elementwise pass over the latter takes ~1.1 ms and the same reduction
 as a sum ~0.9 ms. Elementwise `maximum` vectorises, so `row_max` first halves
 the row with it, max(x[:h], x[h:]), down to a width of 32, which XLA fuses into
-one pass, and reduces only that: 6 ms and 0.65 ms (tools/ numbers: see the
-README's performance section). The result is bit-identical (max is exact and
-order-free, NaN propagates the same).
+one pass, and reduces only that: 6 ms and 0.65 ms (each op jitted alone,
+median of 15). In the T5 small train step: 4.52 -> 4.44 s (alternating blocks
+of steps, 6 rounds). The result is bit-identical (max is exact and order-free,
+NaN propagates the same).
 
 Halving slices the axis, so it must not be split across devices: attention's
 key axis never is ("length" is unsharded); the vocabulary axis is under tensor
