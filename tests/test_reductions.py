@@ -71,3 +71,19 @@ def test_vocab_split_follows_the_mesh_and_rules():
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
             jax.jit(probe(f"tensor={tensor}"))(jnp.zeros(2))
     assert seen == {"no mesh": False, "tensor=1": False, "tensor=2": True}
+
+
+def _halvings(mesh):
+    """How many halves row_max's program slices off, traced under `mesh`."""
+    with jax.set_mesh(mesh):
+        text = jax.jit(row_max).trace(jax.ShapeDtypeStruct((4, 256), jnp.float32)).lower().as_text()
+    return text.count("stablehlo.slice")
+
+
+def test_row_max_halves_only_for_cpu():
+    cpu = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    assert _halvings(cpu) == 6  # 256 -> 128 -> 64 -> 32 columns, two slices each
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+    tpu = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
+    assert _halvings(Mesh(np.array(tpu[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))) == 0
