@@ -15,7 +15,7 @@ model FLOPs (6 x matmul params x tokens + attention, t5lab.metrics), both by the
 step time and the measured float32 matmul peak; plus, unless --skip-extras, the UL2 data
 pipeline's packed tokens/s and an Orbax save and restore of the train state.
 --dot-floor adds the step's matmul floor (tools/dot_floor.py): its dots timed
-one by one, the step time and MFU were everything else free.
+one by one: the step time and MFU if everything else were free.
 """
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def bench_step(config, steps: int) -> dict:
             "model_flops": float(_model_flops(config, state["params"])),
             "flops_per_step": float(cost.get("flops", 0.0)), "loss": float(m["loss"]),
             "nonpad_fraction": float(m["nonpad_fraction"]), "state": state, "prog": prog,
-            "hlo": compiled.as_text()}
+            "compiled": compiled}
 
 
 def bench_data(config, seconds: float = 10.0) -> float:
@@ -233,10 +233,10 @@ def main(argv=None):
     if args.dot_floor:
         import dot_floor
         from t5lab.train_step import compiler_options
-        f = dot_floor.floor(r["hlo"], compiler_options(r["prog"].mesh))
+        f = dot_floor.floor(r["compiled"].as_text(), compiler_options(r["prog"].mesh))
         out["dot_floor_s"] = f["seconds"]
         out["dot_floor_gflop"] = f["flops"] / 1e9
-        out["dot_floor_mfu"] = r["flops_per_step"] * per_flop * r["step_s"] / f["seconds"]
+        out["dot_floor_mfu"] = r["flops_per_step"] / (f["seconds"] * peak)
     if not args.skip_extras:
         data_cfg = config_lib.load(args.config, [
             "data.objective=ul2", f"data.inputs_length={args.inputs}",
