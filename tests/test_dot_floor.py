@@ -25,3 +25,13 @@ def test_finds_plain_and_batched_dots_and_counts_their_flops():
     got = dot_floor.floor(hlo, reps=1)
     assert got["dots"] == 3
     assert got["flops"] == 2 * (2 * 32 * 24 * 40) + 2 * 3 * 16 * 8 * 4
+
+
+def test_dot_bytes_are_both_operands_and_the_result():
+    def f(x, w, a, b):
+        return jnp.tanh(x @ w).sum() + jnp.tanh(jnp.einsum("bqd,bkd->bqk", a, b)).sum()
+    args = (jnp.ones((64, 32)), jnp.ones((32, 48)), jnp.ones((2, 8, 4)), jnp.ones((2, 16, 4)))
+    hlo = jax.jit(f).lower(*args).compile().as_text()
+    plain = 4 * (64 * 32 + 32 * 48 + 64 * 48)
+    batched = 4 * (2 * 8 * 4 + 2 * 16 * 4 + 2 * 8 * 16)
+    assert dot_floor.dot_bytes(hlo) == plain + batched

@@ -3,6 +3,13 @@ compiled and timed alone (best of `reps`) with the same operand shapes and
 dimension numbers, times its count. A step can never run faster than this
 sum unless its matmuls themselves get faster, so floor FLOPs / (floor time x
 matmul peak) is the MFU it could reach if all other work were free.
+
+The rest of the step is mostly memory-bound elementwise work and reductions.
+`dot_bytes` splits XLA's bytes-accessed count into the dots' share and the
+rest, and `stream_bandwidth` measures what one elementwise pass moves per
+second here, so rest / bandwidth estimates that work's time at memory speed.
+It is an estimate, not a bound: XLA counts a gather's or broadcast's whole
+operand, and tensors that stay in cache move faster than the stream.
 Used by tools/benchmark.py --dot-floor.
 """
 from __future__ import annotations
@@ -13,6 +20,7 @@ import re
 import time
 
 _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8}
 _SHAPE = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]")
 _DOT = re.compile(r"\s*(?:ROOT )?%[\w.\-]+ = \w+\[[\d,]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\), ([^\n]*)")
 
@@ -22,14 +30,13 @@ def _dims(text: str, key: str) -> tuple[int, ...]:
     return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
 
 
-def dots(hlo_text: str) -> collections.Counter:
-    """{(dtype, lhs shape, rhs shape, dimension numbers): count} of the module's dots."""
+def _dot_lines(hlo_text: str):
+    """(operand dtype, lhs shape, rhs shape, dimension numbers, result bytes) of each dot."""
     shapes = {}
     for line in hlo_text.splitlines():
         m = _SHAPE.match(line)
         if m:
             shapes[m.group(1)] = (m.group(2), tuple(int(d) for d in m.group(3).split(",") if d))
-    found = collections.Counter()
     for line in hlo_text.splitlines():
         m = _DOT.match(line)
         if not m:
@@ -37,8 +44,14 @@ def dots(hlo_text: str) -> collections.Counter:
         (dtype, lhs), (_, rhs), rest = shapes[m.group(1)], shapes[m.group(2)], m.group(3)
         dn = ((_dims(rest, "lhs_contracting_dims"), _dims(rest, "rhs_contracting_dims")),
               (_dims(rest, "lhs_batch_dims"), _dims(rest, "rhs_batch_dims")))
-        found[(dtype, lhs, rhs, dn)] += 1
-    return found
+        out_dtype, out_shape = _SHAPE.match(line).group(2, 3)
+        out_bytes = _BYTES[out_dtype] * math.prod(int(d) for d in out_shape.split(",") if d)
+        yield dtype, lhs, rhs, dn, out_bytes
+
+
+def dots(hlo_text: str) -> collections.Counter:
+    """{(dtype, lhs shape, rhs shape, dimension numbers): count} of the module's dots."""
+    return collections.Counter(d[:4] for d in _dot_lines(hlo_text))
 
 
 def dot_flops(lhs, rhs, dn) -> float:
@@ -48,6 +61,29 @@ def dot_flops(lhs, rhs, dn) -> float:
     free_l = math.prod(lhs) // (contracted * batch)
     free_r = math.prod(rhs) // (contracted * batch)
     return 2.0 * batch * free_l * free_r * contracted
+
+
+def dot_bytes(hlo_text: str) -> float:
+    """Bytes the module's dots read and write (both operands and the result),
+    counted as XLA's cost analysis counts an instruction's bytes accessed."""
+    return float(sum(_BYTES[dtype] * (math.prod(lhs) + math.prod(rhs)) + out
+                     for dtype, lhs, rhs, _, out in _dot_lines(hlo_text)))
+
+
+def stream_bandwidth(compiler_options=None, mib: int = 64, reps: int = 10) -> float:
+    """Bytes per second one elementwise pass (read x, write x * a + b) moves over
+    a float32 array of `mib` MiB, the size of the step's larger activations."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((mib * 256, 1024), jnp.float32)
+    f = jax.jit(lambda v: v * 1.5 + 1.0).lower(x).compile(compiler_options=compiler_options)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * x.nbytes / best
 
 
 def floor(hlo_text: str, compiler_options=None, reps: int = 5) -> dict:
