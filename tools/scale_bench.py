@@ -10,8 +10,8 @@ and without remat. Prints a markdown table per study (--json: JSON lines).
   scan   24 + 24 layers (small widths), compile only, scan_layers false / true
   remat  small, batch 16, inputs 256, targets 64, remat_policy none / full (run), and
          the same with scan_layers=true (compile only: compiled temp memory)
-Note: XLA counts a scanned body's FLOPs once, so flops_per_step of scanned points
-is per layer-iteration, not per step.
+flops_per_step of scanned points is the whole step's: XLA counts a loop body
+once, so tools/benchmark.py counts them on the step compiled without scan.
 All float32 AdamW on an unpacked span-corruption-shaped batch, via tools/benchmark.py.
 """
 from __future__ import annotations
