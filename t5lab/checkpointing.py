@@ -120,6 +120,15 @@ def _key_name(k) -> str:
     return str(k)
 
 
+class _NoStepMetadataWarning(logging.Filter):
+    """A step's _CHECKPOINT_METADATA sits in the step folder, written there by
+    the CheckpointManager; a bare Checkpointer reading the step's `state` item
+    looks for it in the item and warns that it is missing, on every export."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+
 def restore_params(checkpoint_dir: str, config=None, step: int | None = None):
     """The `params` of a t5lab checkpoint as numpy arrays on the host.
 
@@ -135,6 +144,15 @@ def restore_params(checkpoint_dir: str, config=None, step: int | None = None):
         if not steps:
             raise FileNotFoundError(f"{root}: holds no complete checkpoint")
         state_dir = storage.join(root, str(step if step is not None else steps[-1]), "state")
+    quiet = _NoStepMetadataWarning()
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        return _restore_params(state_dir)
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
+def _restore_params(state_dir: str):
     with ocp.PyTreeCheckpointer() as ckptr:
         tree = ckptr.metadata(state_dir).item_metadata.tree
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -1,5 +1,6 @@
 """A training run's checkpoint, exported with `t5lab export`, is a transformers
 model that computes what t5lab computes, with a tokenizer that agrees."""
+import logging
 import os
 import subprocess
 import sys
@@ -58,6 +59,13 @@ def test_exported_tokenizer_agrees_with_training_tokenizer(run_dir, tmp_path):
     assert hf_tok.decode(got) == text
     assert hf_tok.convert_tokens_to_ids("<extra_id_0>") == ours.sentinel_id(0)
     assert hf_tok.pad_token_id == 0 and hf_tok.eos_token_id == 1
+
+
+def test_export_reads_the_checkpoint_without_warnings(run_dir, tmp_path, caplog):
+    wd, _ = run_dir
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(["export", "--workdir", wd, "--out", str(tmp_path / "quiet")]) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_convert_tool_reads_a_checkpoint(run_dir, tmp_path):
