@@ -271,8 +271,8 @@ def main(argv=None):
         out["nonmatmul_gbytes"] = other / 1e9
         out["stream_gbytes_per_s"] = bandwidth / 1e9
         out["nonmatmul_at_stream_s"] = other / bandwidth
-        # matmuls at their own speed plus the rest at memory speed: what the
-        # step costs with no further fusion; its MFU is what this XLA allows.
+        # Matmuls at their own speed plus the rest at memory speed: about what
+        # the step costs as XLA fuses it, and the MFU that fusion allows.
         out["dot_floor_plus_stream_s"] = f["seconds"] + other / bandwidth
         out["dot_floor_plus_stream_mfu"] = r["flops_per_step"] / (out["dot_floor_plus_stream_s"] * peak)
     if not args.skip_extras:
