@@ -46,7 +46,8 @@ def parse(argv):
                    help="stop after compiling: compile time, FLOPs, compiled memory")
     p.add_argument("--dot-floor", action="store_true",
                    help="also time each of the step's matmuls alone (tools/dot_floor.py): "
-                        "the step time and MFU if everything else were free")
+                        "the step time and MFU if everything else were free; and the other "
+                        "work's bytes at this machine's streaming bandwidth")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
