@@ -1,16 +1,36 @@
-"""The grain input pipeline: source -> tokenize -> chunk -> objective -> pack -> batch.
+"""The input pipeline: one global stream of batches, whatever the job's shape.
 
-Determinism and exact resume come from random access: documents are a grain
-MapDataset (this process's shard, shuffled anew each epoch from the seed),
-grouped into fixed blocks of DOCS_PER_BLOCK documents. Block k is turned into
-packed rows by a pure function of (its documents, seed, k), so the iterator
-state is just (block index, rows already taken from it) and a restored
-iterator replays exactly the batches an uninterrupted one would have produced.
-Rows never span blocks: the cost is at most one partly filled row per block.
+How the stream is defined. The documents of a split form one sequence over the
+whole corpus: a grain MapDataset shuffled anew each epoch from data.seed
+(a mixture: grain's weighted mix of such sequences). The global batch has
+B = train.batch_size rows, and row r of every batch comes from lane r: lane r
+reads the documents at positions r, r + B, r + 2B, ... in blocks (a block is
+the lane's next documents up to a character budget) and turns each block into
+packed rows by a pure function of (its documents, seed, lane, block start).
+Each lane gives one row per step.
+
+So batch b is a pure function of the data config, the seed and B. Process p
+of P builds only the rows of its lanes, [p*B/P, (p+1)*B/P); worker processes
+build whole blocks, keyed by (lane, start), so their number changes nothing.
+The iterator's state is one position per lane (its block's first document and
+the rows already taken from the block), never a buffer: a checkpoint holds the
+positions of all B lanes, and any process count that divides B, with any
+number of workers, resumes exactly where the run stopped.
+
+Cost per host: the tokenization, objective and packing of its own B/P rows
+(1/P of the job's data work) and memory for two blocks per lane (the current
+one and the next, prepared ahead).
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
 import logging
+import multiprocessing
+import os
+import sys
 
 import grain
 import numpy as np
@@ -20,10 +40,23 @@ from t5lab.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# Documents per block: large enough that the partly filled last row of a block
-# costs little, small enough that a block takes well under a second.
-DOCS_PER_BLOCK = 128
 SPLITS = ("train", "eval")
+# Bump when the definition of the stream changes: checkpoints of another
+# version then refuse to resume (the fingerprint names it).
+STREAM_VERSION = 2
+# A block: the lane's next documents until their text reaches about this many
+# characters per token of a row (~8 rows at ~4 characters a token), at most
+# MAX_BLOCK_DOCS documents. Larger blocks waste less in their partly filled
+# last row; smaller ones cost less memory and start-up time per lane.
+BLOCK_CHARS_PER_ROW_TOKEN = 32
+MAX_BLOCK_DOCS = 256
+# Consecutive documents of one lane that give no row before the stream stops
+# with the latest reason: a source of nothing but bad documents never hangs.
+MAX_UNUSABLE_DOCS = 2048
+
+
+class DataError(ValueError):
+    """The data cannot feed the run; the message names the file and the reason."""
 
 
 def _key(name: str, ok: bool, why: str):
@@ -96,86 +129,280 @@ def make_objective(config, tok: Tokenizer) -> denoising.Objective:
         mlm_probability=d.mlm_probability, first_ordinary_id=3 + len(tok.mode_ids))
 
 
-def _shard(source, process_index: int, process_count: int):
-    idx = np.arange(process_index, len(source), process_count)
-    if len(idx) == 0:
-        raise ValueError(f"{source.name}: {len(source)} documents cannot feed {process_count} processes")
-    return sources.Subset(source, idx)
-
-
-def documents(config, split: str, process_index: int = 0, process_count: int = 1,
-              repeat: bool = True) -> grain.MapDataset:
-    """This process's documents of `split`: disjoint across processes, covering
-    the split together. Train is shuffled anew each epoch; eval keeps its order.
-    Both repeat forever unless repeat=False (one epoch; mixtures end with the
-    first exhausted source)."""
+def _items(config) -> list[tuple[str, str, float]]:
     d = config.data
     if d.source == "mixture":
-        items = [(k, a, w) for k, a, w in sources.parse_mixture(d.mixture) if w > 0]
-    else:
-        arg = d.tfds_name if d.source == "tfds" else d.paths
-        items = [(d.source, arg, 1.0)]
-    parts = []
-    for n, (kind, arg, _) in enumerate(items):
+        return [(k, a, w) for k, a, w in sources.parse_mixture(d.mixture) if w > 0]
+    return [(d.source, d.tfds_name if d.source == "tfds" else d.paths, 1.0)]
+
+
+def _open(config, split: str):
+    """[(kind, arg, weight, source of `split`)] for the configured sources."""
+    d = config.data
+    out = []
+    for kind, arg, w in _items(config):
         src, has_split = sources.open_source(kind, arg, d, d.train_split if split == "train" else d.eval_split)
-        src = _shard(sources.split_source(src, has_split, split, d.eval_fraction), process_index, process_count)
+        out.append((kind, arg, w, sources.split_source(src, has_split, split, d.eval_fraction)))
+    return out
+
+
+def documents(config, split: str, repeat: bool = True) -> grain.MapDataset:
+    """The documents of `split`, one sequence for the whole job. Train is
+    shuffled anew each epoch; eval keeps its order. Both repeat forever unless
+    repeat=False (one epoch; mixtures end with the first exhausted source)."""
+    return _sequence(config, split, [src for *_, src in _open(config, split)], repeat)
+
+
+def _sequence(config, split, srcs, repeat: bool) -> grain.MapDataset:
+    d = config.data
+    parts = []
+    for n, src in enumerate(srcs):
         ds = grain.MapDataset.source(src)
         if split == "train":
             ds = ds.shuffle(seed=(d.seed * 1_000_003 + n) % 2**32)  # reseeded per epoch by repeat()
         parts.append(ds.repeat() if repeat else ds)
     if len(parts) == 1:
         return parts[0]
-    return grain.MapDataset.mix(parts, [w for _, _, w in items])
+    return grain.MapDataset.mix(parts, [w for _, _, w in _items(config)])
 
 
-class _BlockToRows:
-    """Block index and its documents -> packed rows (dict of [rows, len] arrays)."""
+# ------------------------------------------------------------------ fingerprint
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
-    def __init__(self, config, tokenizer_path: str, objective, stream: int):
+
+def _describe(kind: str, arg: str, data, src) -> dict:
+    """What identifies one source's documents: its files' names, sizes and
+    modification times, or the TFDS name, version and split."""
+    if kind == "embedded":
+        files = sources.embedded_files()
+        root = sources.embedded_root()
+        size = sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        return {"kind": kind, "python": "%d.%d" % sys.version_info[:2], "files": len(files), "bytes": size}
+    if kind == "tfds":
+        inner = getattr(getattr(src, "source", src), "_ds", None)
+        version = str(inner.dataset_info.version) if inner is not None else ""
+        return {"kind": kind, "name": arg.split(":")[0], "version": version,
+                "split": getattr(getattr(src, "source", src), "split", "")}
+    out = {"kind": kind}
+    if kind in ("jsonl", "parquet"):
+        out["text_field"] = data.text_field
+    if kind == "text":
+        out["doc_per"] = data.doc_per
+    for f in sources.expand_globs(arg, "config.data.paths" if arg == data.paths else "config.data.mixture"):
+        st = os.stat(f)
+        out[f"file {os.path.abspath(f)}"] = f"{st.st_size} bytes, modified {st.st_mtime_ns}"
+    return out
+
+
+def fingerprint(config, tokenizer_path: str, opened=None) -> dict:
+    """Everything that decides the train stream, flat {key: value}: a resume
+    whose fingerprint differs would replay saved positions into other data."""
+    d, m = config.data, config.model
+    fp = {"stream_version": STREAM_VERSION, "tokenizer sha256": file_digest(tokenizer_path),
+          "data.objective": d.objective, "model.arch": m.arch, "data.inputs_length": d.inputs_length,
+          "data.targets_length": d.targets_length, "data.pack": d.pack, "data.seed": d.seed,
+          "train.batch_size": config.train.batch_size}  # the number of lanes
+    if d.objective == "ul2":
+        fp["data.ul2_rates"] = d.ul2_rates
+    if d.objective == "span_corruption":
+        fp["data.noise_density"], fp["data.mean_span_length"] = d.noise_density, d.mean_span_length
+    if d.objective == "mlm":
+        fp["data.mlm_probability"] = d.mlm_probability
+    opened = opened if opened is not None else _open(config, "train")
+    for n, (kind, arg, w, src) in enumerate(opened):
+        if kind != "tfds":
+            fp["data.eval_fraction"] = d.eval_fraction
+        for k, v in _describe(kind, arg, d, src).items():
+            fp[f"source {n} {k}"] = v
+        if len(opened) > 1:
+            fp[f"source {n} weight"] = w
+    return fp
+
+
+def fingerprint_difference(saved: dict, current: dict) -> str | None:
+    """'key: old -> new' for the first key that differs, or None."""
+    for key in list(saved) + [k for k in current if k not in saved]:
+        old, new = saved.get(key, "(absent)"), current.get(key, "(absent)")
+        if old != new:
+            return f"{key}: {old!r} -> {new!r}"
+    return None
+
+
+# ------------------------------------------------------------------ blocks
+@dataclasses.dataclass
+class Block:
+    rows: dict | None       # feature -> [n, length], None when the block gave no row
+    next_start: int         # the lane's document index after this block
+    docs: int               # documents read
+    skips: dict             # reason -> count, for this block
+    latest_skip: str        # the latest skipped document's file and reason
+
+    @property
+    def num_rows(self) -> int:
+        return 0 if self.rows is None else len(next(iter(self.rows.values())))
+
+
+class _LaneBlocks:
+    """(lane, start) -> Block: a pure function of the config and its position."""
+
+    def __init__(self, config, docs: grain.MapDataset, tokenizer_path: str, objective, split: str):
         d = config.data
-        self.tokenizer_path, self.objective, self.stream = tokenizer_path, objective, stream
-        self.arch, self.pack = config.model.arch, d.pack
-        self.lengths, self.seed = (d.inputs_length, d.targets_length), d.seed
+        self.docs, self.tokenizer_path, self.objective = docs, tokenizer_path, objective
+        self.lanes, self.split = config.train.batch_size, SPLITS.index(split)
+        self.arch, self.pack, self.seed = config.model.arch, d.pack, d.seed
+        self.lengths = (d.inputs_length, d.targets_length)
+        self.chars = BLOCK_CHARS_PER_ROW_TOKEN * sum(packing.row_lengths(self.arch, *self.lengths))
         self._tok = None
 
     def __getstate__(self):  # workers reload the tokenizer from its path
         return {k: v for k, v in self.__dict__.items() if k != "_tok"} | {"_tok": None}
 
-    def __call__(self, index: int, docs):
+    def __call__(self, lane: int, start: int) -> Block:
         if self._tok is None:
             self._tok = Tokenizer(self.tokenizer_path)
-        rng = np.random.default_rng([self.seed, self.stream, index])
-        texts = [t for t in docs if t and not t.isspace()]
-        examples, skipped = self.objective(self._tok.encode_batch(texts), rng)
-        # Unreadable documents are counted by their source (naming the file);
-        # here: empty or whitespace-only documents and pieces too short to corrupt.
-        sources.SKIPS.add("empty documents", sum(t is not None for t in docs) - len(texts),
-                          f"block {index}")
-        sources.SKIPS.add("pieces too short for the objective", skipped, f"block {index}")
-        rows = packing.pack(examples, self.arch, *self.lengths, packed=self.pack)
-        order = rng.permutation(len(next(iter(rows.values()))))  # mix rows across documents
-        return {k: v[order] for k, v in rows.items()}
+        before = dict(sources.SKIPS.counts)
+        texts, n, chars = [], 0, 0
+        while n < MAX_BLOCK_DOCS and chars < self.chars:
+            doc = self.docs[(start + n) * self.lanes + lane]
+            n += 1
+            if doc is None:
+                continue  # unreadable: counted by its source, naming the file
+            if not doc or doc.isspace():
+                sources.SKIPS.add("empty documents", 1, f"lane {lane} document {start + n - 1}")
+                continue
+            texts.append(doc)
+            chars += len(doc)
+        rng = np.random.default_rng([self.seed, self.split, lane, start])
+        examples, short = self.objective(self._tok.encode_batch(texts), rng) if texts else ([], 0)
+        sources.SKIPS.add("pieces too short for the objective", short, f"lane {lane} document {start}")
+        rows = None
+        if examples:
+            rows = packing.pack(examples, self.arch, *self.lengths, packed=self.pack)
+            order = rng.permutation(len(next(iter(rows.values()))))  # mix rows across documents
+            rows = {k: v[order] for k, v in rows.items()}
+        skips = {k: v - before.get(k, 0) for k, v in sources.SKIPS.counts.items() if v != before.get(k, 0)}
+        return Block(rows, start + n, n, skips, sources.SKIPS.latest if skips else "")
 
 
-class _Rows(grain.experimental.FlatMapTransform):
-    max_fan_out = 1 << 16
-
-    def flat_map(self, rows):
-        n = len(next(iter(rows.values())))
-        return [{k: v[i] for k, v in rows.items()} for i in range(n)]
+_WORKER_BLOCKS = None
 
 
-def _absl_flags_parsed():
-    """grain's worker processes read absl flags, which raise unless parsed; t5lab
-    has its own command line, so take absl's defaults (a no-op once parsed)."""
-    from absl import flags
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+def _worker_init(blocks):
+    global _WORKER_BLOCKS
+    _WORKER_BLOCKS = blocks
+
+
+def _worker_block(lane, start):
+    return _WORKER_BLOCKS(lane, start)
+
+
+# ------------------------------------------------------------------ the stream
+class Stream:
+    """This process's rows of the global stream; iter() gives a fresh iterator."""
+
+    def __init__(self, blocks: _LaneBlocks, lanes: range, num_workers: int, fingerprint: dict | None):
+        self.blocks, self.lanes, self.num_workers = blocks, lanes, num_workers
+        self.fingerprint = fingerprint
+
+    def __iter__(self) -> "StreamIterator":
+        return StreamIterator(self)
+
+
+class StreamIterator:
+    """Batches of this process's lanes, prepared one block ahead per lane by a
+    thread (num_workers=0) or by worker processes."""
+
+    def __init__(self, stream: Stream):
+        self._fn, self.lanes = stream.blocks, list(stream.lanes)
+        self._pos = {lane: [0, 0] for lane in self.lanes}   # block start, rows taken
+        self._unusable = {lane: 0 for lane in self.lanes}
+        self._cur, self._next = {}, {}
+        self.skipped = collections.Counter()                 # this process's skips, by reason
+        if stream.num_workers > 0:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                stream.num_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init, initargs=(self._fn,))
+            self._call = _worker_block
+        else:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="t5lab-data")
+            self._call = self._fn
+
+    def __iter__(self):
+        return self
+
+    def get_state(self) -> dict:
+        """{"lanes": {lane: [block start, rows taken]}} for this process's lanes."""
+        return {"lanes": {str(lane): list(self._pos[lane]) for lane in self.lanes}}
+
+    def set_state(self, state: dict) -> None:
+        lanes = state["lanes"]
+        missing = [lane for lane in self.lanes if str(lane) not in lanes]
+        if missing:
+            raise DataError(f"data state has no position for lane {missing[0]}")
+        for f in self._next.values():
+            f.cancel()
+        self._cur, self._next = {}, {}
+        self._pos = {lane: [int(x) for x in lanes[str(lane)]] for lane in self.lanes}
+
+    def _submit(self, lane: int, start: int):
+        self._next[lane] = (start, self._pool.submit(self._call, lane, start))
+
+    def _advance(self, lane: int) -> Block:
+        """The lane's current block, fetching (and prefetching) as needed."""
+        start, taken = self._pos[lane]
+        blk = self._cur.get(lane)
+        while blk is None or taken >= blk.num_rows:
+            if blk is not None:
+                start, taken = blk.next_start, 0
+            if lane not in self._next or self._next[lane][0] != start:
+                self._submit(lane, start)
+            blk = self._next.pop(lane)[1].result()
+            self._account(lane, blk)
+            self._submit(lane, blk.next_start)
+            self._pos[lane] = [start, taken]
+        self._cur[lane] = blk
+        return blk
+
+    def _account(self, lane: int, blk: Block):
+        self.skipped.update(blk.skips)
+        if blk.num_rows:
+            self._unusable[lane] = 0
+            return
+        self._unusable[lane] += blk.docs
+        if self._unusable[lane] >= MAX_UNUSABLE_DOCS:
+            raise DataError(f"data: no usable document in {self._unusable[lane]} consecutive documents "
+                            f"(lane {lane}); latest skipped: {blk.latest_skip or 'empty documents'}")
+
+    def __next__(self) -> dict:
+        for lane in self.lanes:  # every lane's first block in flight at once
+            if lane not in self._cur and lane not in self._next:
+                self._submit(lane, self._pos[lane][0])
+        rows = []
+        for lane in self.lanes:
+            blk = self._advance(lane)
+            i = self._pos[lane][1]
+            rows.append({k: v[i] for k, v in blk.rows.items()})
+            self._pos[lane][1] = i + 1
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def close(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def process_lanes(batch_size: int, process_index: int, process_count: int) -> range:
+    per = batch_size // process_count
+    return range(process_index * per, (process_index + 1) * per)
 
 
 def make_dataset(config, split: str = "train", *, tokenizer_path: str, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
-    """Per-process batches: dict of int32 [train.batch_size // process_count, length]."""
+                 process_count: int | None = None, num_workers: int | None = None) -> Stream:
+    """This process's batches: dict of int32 [train.batch_size // process_count, length],
+    its rows of the global stream (see the module docstring)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if process_index is None or process_count is None:
@@ -184,18 +411,25 @@ def make_dataset(config, split: str = "train", *, tokenizer_path: str, process_i
     validate(config, process_count)
     tok = Tokenizer(tokenizer_path)
     objective = make_objective(config, tok)
-    docs = documents(config, split, process_index, process_count)
-    stream = SPLITS.index(split) * 1_000_003 + process_index
-    blocks = docs.batch(DOCS_PER_BLOCK).map_with_index(_BlockToRows(config, tokenizer_path, objective, stream))
-    # One prefetch thread overlaps block preparation with the training step.
-    ds = blocks.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-    if config.data.num_workers > 0:
-        # Workers prepare whole blocks: worker w takes blocks w, w + n, ... and
-        # grain interleaves them round-robin, so the main process sees blocks in
-        # index order and rows and batches are exactly those of num_workers=0.
-        # (Batching inside the workers would give each worker its own batches.)
-        _absl_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
-    ds = grain.experimental.FlatMapIterDataset(ds, _Rows())
-    ds = ds.batch(config.train.batch_size // process_count, drop_remainder=True)
-    return ds
+    opened = _open(config, split)
+    docs = _sequence(config, split, [src for *_, src in opened], repeat=True)
+    fp = fingerprint(config, tokenizer_path, opened) if split == "train" else None
+    blocks = _LaneBlocks(config, docs, tokenizer_path, objective, split)
+    workers = config.data.num_workers if num_workers is None else num_workers
+    return Stream(blocks, process_lanes(config.train.batch_size, process_index, process_count), workers, fp)
+
+
+def probe(stream: Stream) -> None:
+    """Builds the first block of the process's first lane: a corpus that gives
+    no row fails here, before the run writes anything."""
+    lane = stream.lanes[0]
+    start, unusable = 0, 0
+    while True:
+        blk = stream.blocks(lane, start)
+        if blk.num_rows:
+            return
+        unusable += blk.docs
+        if unusable >= MAX_UNUSABLE_DOCS:
+            raise DataError(f"data: no usable document in the first {unusable} documents of lane {lane}; "
+                            f"latest skipped: {blk.latest_skip or 'empty documents'}")
+        start = blk.next_start

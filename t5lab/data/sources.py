@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import sysconfig
 
@@ -37,13 +38,14 @@ class SkipCounter:
     without a log line per document."""
 
     def __init__(self, every: int = 1000):
-        self.every, self.counts = every, collections.Counter()
+        self.every, self.counts, self.latest = every, collections.Counter(), ""
 
     def add(self, reason: str, n: int = 1, where: str = ""):
         if n <= 0:
             return
         before = self.counts[reason]
         self.counts[reason] += n
+        self.latest = f"{reason}: {where}" if where else reason
         if before == 0 or before // self.every != self.counts[reason] // self.every:
             log.warning("skipped %d %s so far in this process%s", self.counts[reason], reason,
                         f" (latest: {where})" if where else "")
@@ -70,6 +72,17 @@ def is_eval(keys: np.ndarray, eval_fraction: float) -> np.ndarray:
     """Held-out membership by hash of a stable per-document key."""
     u = (_mix64(keys) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return u < eval_fraction
+
+
+def _position_keys(files: list[str], fids: np.ndarray) -> np.ndarray:
+    """Eval-split keys from each document's file name and its ordinal in that file
+    (`fids` is sorted by file): adding or removing a file moves no other document."""
+    fids = np.asarray(fids, np.int64)
+    first = np.searchsorted(fids, fids, side="left")  # index of each file's first document
+    local = (np.arange(len(fids)) - first).astype(np.uint64)
+    file_keys = np.array([_stable_hash(os.path.basename(f)) for f in files], np.uint64)
+    with np.errstate(over="ignore"):
+        return _mix64(_mix64(file_keys[fids]) + local)
 
 
 class _Source:
@@ -101,8 +114,11 @@ class FileSource(_Source):
 
     def __getitem__(self, i):
         path = os.path.join(self.root, self.files[i])
-        with open(path, "rb") as f:
-            data = f.read()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return self._bad(path, f"cannot read: {e.strerror or e}")
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -139,10 +155,13 @@ class LineSource(_Source):
 
     def __getitem__(self, i):
         path = self.files[self.fids[i]]
-        with open(path, "rb") as f:
-            f.seek(int(self.starts[i]))
-            raw = f.read(int(self.ends[i] - self.starts[i]))
         where = f"{path} line at byte {int(self.starts[i])}"
+        try:
+            with open(path, "rb") as f:
+                f.seek(int(self.starts[i]))
+                raw = f.read(int(self.ends[i] - self.starts[i]))
+        except OSError as e:
+            return self._bad(where, f"cannot read: {e.strerror or e}")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -154,13 +173,16 @@ class LineSource(_Source):
         except json.JSONDecodeError as e:
             return self._bad(where, f"invalid JSON: {e.msg}")
         if not isinstance(row, dict) or self.text_field not in row:
-            raise KeyError(f"config.data.text_field: {where} has no field {self.text_field!r}")
-        return row[self.text_field] if isinstance(row[self.text_field], str) else ""
+            return self._bad(where, f"no field {self.text_field!r} (config.data.text_field)")
+        text = row[self.text_field]
+        if text is None:
+            return ""  # a null value: an empty document
+        if not isinstance(text, str):
+            return self._bad(where, f"field {self.text_field!r} is {type(text).__name__}, not a string")
+        return text
 
     def keys(self):
-        file_keys = np.array([_stable_hash(os.path.basename(f)) for f in self.files], np.uint64)
-        line = np.arange(len(self.starts), dtype=np.uint64)
-        return _mix64(file_keys[self.fids]) ^ line
+        return _position_keys(self.files, self.fids)
 
 
 class ParquetSource(_Source):
@@ -171,7 +193,11 @@ class ParquetSource(_Source):
         self.files, self.text_field, self.name = files, text_field, "parquet"
         groups = []  # (file id, row group, rows)
         for fid, path in enumerate(files):
-            meta = pq.ParquetFile(path)
+            try:
+                meta = pq.ParquetFile(path)
+            except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
+                raise ValueError(f"parquet: {path} is not a readable Parquet file: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
             if text_field not in meta.schema_arrow.names:
                 raise KeyError(f"config.data.text_field: {path} has no column {text_field!r} "
                                f"(columns: {meta.schema_arrow.names})")
@@ -196,13 +222,21 @@ class ParquetSource(_Source):
 
     def __getitem__(self, i):
         k = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        text = self._group(k)[i - self.offsets[k]]
-        return text if isinstance(text, str) else ""
+        try:
+            text = self._group(k)[i - self.offsets[k]]
+        except OSError as e:
+            return self._bad(f"{self.files[self.groups[k][0]]} row group {self.groups[k][1]}",
+                             f"cannot read: {e}")
+        if text is None:
+            return ""
+        if not isinstance(text, str):
+            return self._bad(f"{self.files[self.groups[k][0]]} row {i - self.offsets[k]}",
+                             f"column {self.text_field!r} is {type(text).__name__}, not a string")
+        return text
 
     def keys(self):
-        file_keys = np.array([_stable_hash(os.path.basename(f)) for f in self.files], np.uint64)
         fid = np.repeat([f for f, _, _ in self.groups], [n for _, _, n in self.groups]).astype(np.int64)
-        return _mix64(file_keys[fid]) ^ np.arange(len(self), dtype=np.uint64)
+        return _position_keys(self.files, fid)
 
 
 class TfdsSource(_Source):
@@ -340,8 +374,8 @@ def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
             weight = float(w)
         except ValueError:
             raise ValueError(f"config.data.mixture: weight {w!r} of {item!r} is not a number") from None
-        if not weight >= 0:
-            raise ValueError(f"config.data.mixture: weight of {item!r} must be >= 0")
+        if not (weight >= 0 and math.isfinite(weight)):
+            raise ValueError(f"config.data.mixture: weight of {item!r} must be finite and >= 0")
         items.append((kind, arg, weight))
     if not items or not sum(w for _, _, w in items) > 0:
         raise ValueError(f"config.data.mixture: weights must sum to a positive number, got {spec!r}")

@@ -35,7 +35,11 @@ class Tokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer model {path!r} does not exist")
         self.path = path
-        self._sp = spm.SentencePieceProcessor(model_file=path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"tokenizer {path!r} is not a SentencePiece model: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         self.vocab_size = self._sp.get_piece_size()
         self.pad_id, self.eos_id, self.unk_id = self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id()
         ids = [self._sp.piece_to_id(sentinel_piece(i)) for i in range(NUM_SENTINELS)]
@@ -131,8 +135,9 @@ def train(texts, model_path: str, vocab_size: int, *, max_sentences: int = 500_0
 
 def default_cache_path(vocab_size: int, cache_dir: str | None = None) -> str:
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "t5lab")
-    # The embedded corpus is the interpreter's standard library: key by its version.
-    ver = f"{sys.implementation.name}{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    # The embedded corpus is the interpreter's standard library: key by its minor version
+    # (a micro upgrade must not retrain it; a run uses WORKDIR/tokenizer.model anyway).
+    ver = f"{sys.implementation.name}{sys.version_info.major}.{sys.version_info.minor}"
     return os.path.join(cache_dir, "tokenizers", f"embedded-{ver}-v{vocab_size}-r{_RECIPE_VERSION}.model")
 
 
