@@ -1,14 +1,22 @@
-"""Orbax checkpoints of the train state *and* the data-iterator state.
+"""Orbax checkpoints of the train state and the data stream's position, sealed
+with checksums.
 
-Layout: WORKDIR/checkpoints/<step>/{state,data}. Orbax writes each step into a
-temporary directory and renames it when complete, so a crash in the middle of
-an (async) save leaves no step behind that `latest_step` would pick up.
+Layout: WORKDIR/checkpoints/<step>/{state, data, t5lab_checksums.json}. Orbax
+writes each step into a temporary directory and renames it when complete;
+once it has, t5lab lists every file of the step with its size and CRC-32 in
+t5lab_checksums.json (the seal). A step is intact when it is sealed and every
+file matches; resume takes the newest intact step, and moves newer ones that
+are not aside (to checkpoints/damaged-<step>) with one line naming the file.
+Old steps are deleted only beyond the newest `checkpoint.keep` sealed ones,
+so a damaged latest step never costs the good one before it.
 """
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import zlib
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -17,9 +25,19 @@ from t5lab import storage
 
 log = logging.getLogger(__name__)
 
+SEAL = "t5lab_checksums.json"
+
 
 class CheckpointMismatch(ValueError):
     """The workdir holds a checkpoint this config cannot restore into."""
+
+
+class DamagedCheckpoint(ValueError):
+    """A step's files do not match their seal; the message names the file."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save failed (a full disk, a lost bucket); the message names the cause."""
 
 
 def _checkpoint_root(path: str) -> str:
@@ -30,25 +48,106 @@ def _checkpoint_root(path: str) -> str:
     return path
 
 
+def _crc(path: str) -> int:
+    crc = 0
+    with storage.open_binary(path) as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def seal(step_dir: str) -> None:
+    """Writes the step's checksums (atomically: a half-written seal is no seal)."""
+    files = {rel: [size, _crc(storage.join(step_dir, rel))] for rel, size in storage.walk(step_dir)
+             if rel != SEAL and not rel.endswith(".t5lab-tmp")}
+    tmp = storage.join(step_dir, SEAL + ".t5lab-tmp")
+    storage.write_text(tmp, json.dumps({"files": files}, indent=0))
+    storage.rename(tmp, storage.join(step_dir, SEAL))
+
+
+def verify(step_dir: str) -> None:
+    """Raises DamagedCheckpoint naming the first file that does not match its seal."""
+    path = storage.join(step_dir, SEAL)
+    if not storage.exists(path):
+        raise DamagedCheckpoint(f"{step_dir}: not sealed (no {SEAL}): its save did not finish")
+    try:
+        files = json.loads(storage.read_text(path))["files"]
+    except (ValueError, KeyError) as e:
+        raise DamagedCheckpoint(f"{path}: unreadable ({e})") from None
+    present = dict(storage.walk(step_dir))
+    for rel, (size, crc) in sorted(files.items()):
+        if rel not in present:
+            raise DamagedCheckpoint(f"{storage.join(step_dir, rel)}: missing")
+        if present[rel] != size:
+            raise DamagedCheckpoint(f"{storage.join(step_dir, rel)}: {present[rel]} bytes, "
+                                    f"sealed with {size} (truncated or rewritten)")
+        if _crc(storage.join(step_dir, rel)) != crc:
+            raise DamagedCheckpoint(f"{storage.join(step_dir, rel)}: fails its checksum (flipped bits)")
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class Checkpoints:
     def __init__(self, workdir: str, ckpt_cfg, save_data: bool = True):
         self.root = storage.join(storage.absolute(workdir), "checkpoints")
+        self.keep, self.async_save = ckpt_cfg.keep, ckpt_cfg.async_save
         self.save_data = save_data
+        self._primary = jax.process_index() == 0
         items = ("state", "data") if save_data else ("state",)
         handlers = {"state": ocp.StandardCheckpointHandler()}
         if save_data:
-            handlers["data"] = grain.checkpoint.CheckpointHandler()
+            handlers["data"] = ocp.JsonCheckpointHandler()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=ckpt_cfg.keep,
+            max_to_keep=None,  # t5lab deletes, and only steps older than `keep` sealed ones
             enable_async_checkpointing=ckpt_cfg.async_save,
+            async_options=(ocp.AsyncOptions(post_finalization_callback=self._seal_finished)
+                           if ckpt_cfg.async_save else None),
             create=True,
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(self.root, options=options, item_names=items,
                                              item_handlers=handlers)
 
+    def steps(self) -> list[int]:
+        """Complete (renamed) steps on storage, oldest first."""
+        if not storage.isdir(self.root):
+            return []
+        return sorted(int(d) for d in storage.listdir(self.root) if d.isdigit())
+
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def latest_intact_step(self, report=log.warning) -> int | None:
+        """The newest step that verifies; newer damaged ones are moved aside to
+        checkpoints/damaged-<step> (kept for inspection), each reported in one line."""
+        steps = self.steps()
+        found = None
+        if self._primary:
+            for step in reversed(steps):
+                try:
+                    verify(storage.join(self.root, str(step)))
+                    found = step
+                    break
+                except DamagedCheckpoint as e:
+                    aside = storage.join(self.root, f"damaged-{step}")
+                    storage.rename(storage.join(self.root, str(step)), aside)
+                    report(f"checkpoint {step} is damaged: {e}; moved to {aside}, "
+                           f"resuming from an older step")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            found = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if found is None else found)))
+            found = None if found < 0 else found
+        self.manager.reload()
+        return found
 
     def check_compatible(self, step: int, abstract_state) -> None:
         """Compares saved shapes with the ones this config builds, before any
@@ -73,37 +172,81 @@ class Checkpoints:
             raise CheckpointMismatch(f"{self.root}/{step}: has parameter {extra[0]} that this "
                                      f"config does not build (a different architecture).")
 
-    def restore(self, step: int, abstract_state, data_iter=None):
-        """Restores onto the shardings in `abstract_state` (any mesh or device
-        count) and, when given, sets the data iterator to its saved position."""
+    def restore_data(self, step: int) -> dict:
+        """The saved data state: {"fingerprint": {...}, "lanes": [[start, taken], ...]}."""
+        if not self.save_data:
+            return {}
+        try:
+            data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        except Exception as e:  # noqa: BLE001  Orbax raises several types for a missing item
+            raise CheckpointMismatch(f"{self.root}/{step}: holds no readable data position ({e}); "
+                                     f"written by another version of t5lab?") from None
+        if not isinstance(data, dict) or "lanes" not in data or "fingerprint" not in data:
+            raise CheckpointMismatch(f"{self.root}/{step}/data: not a t5lab data position "
+                                     f"(written by an older t5lab, whose data stream was per process)")
+        return data
+
+    def restore(self, step: int, abstract_state):
+        """Restores onto the shardings in `abstract_state` (any mesh or device count)."""
         self.check_compatible(step, abstract_state)
         args = {"state": ocp.args.StandardRestore(abstract_state)}
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        if data_iter is not None and self.save_data:
-            try:
-                self.manager.restore(step, args=ocp.args.Composite(
-                    data=grain.checkpoint.CheckpointRestore(data_iter)))
-            except (FileNotFoundError, ValueError, KeyError) as e:
-                # Written by another number of processes: the per-process data
-                # positions do not map onto this run's shards.
-                log.warning("checkpoint %d: data-iterator state not restored (%s); the data "
-                            "stream restarts from its start for this process layout", step, e)
-        return restored["state"]
+        return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
 
-    def save(self, step: int, state, data_iter=None, force: bool = False) -> bool:
-        if step in self.manager.all_steps():  # the final save right after a periodic one
-            return False
-        args = {"state": ocp.args.StandardSave(state)}
-        if self.save_data and data_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    def save(self, step: int, state, data_state: dict | None = None, force: bool = False) -> bool:
+        try:
+            self.manager.wait_until_finished()
+            if step in self.steps():  # the final save right after a periodic one
+                return False
+            self._collect()
+            args = {"state": ocp.args.StandardSave(state)}
+            if self.save_data and data_state is not None:
+                args["data"] = ocp.args.JsonSave(data_state)
+            saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+            if not self.async_save:
+                self._seal_finished()
+            return saved
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(step, e) from e
+
+    def _write_error(self, step, e) -> CheckpointWriteError:
+        if _is_disk_full(e):
+            return CheckpointWriteError(f"saving checkpoint {step} to {self.root}: no space left on "
+                                        f"device; the previous checkpoint is intact")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return CheckpointWriteError(f"saving checkpoint {step} to {self.root}: {first}")
+
+    def _seal_finished(self):
+        """Seals every complete step that is not sealed yet (Orbax calls this
+        after each async save is finalised; synchronous saves call it directly)."""
+        if not self._primary:
+            return
+        for step in self.steps():
+            d = storage.join(self.root, str(step))
+            if not storage.exists(storage.join(d, SEAL)):
+                seal(d)
+
+    def _collect(self):
+        """Deletes steps older than the newest `keep` sealed ones."""
+        steps = self.steps()
+        sealed = [s for s in steps if storage.exists(storage.join(self.root, str(s), SEAL))]
+        if len(sealed) <= self.keep:
+            return
+        oldest_kept = sealed[-self.keep]
+        for s in steps:
+            if s < oldest_kept:
+                self.manager.delete(s)
 
     def wait(self):
         self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+            self._seal_finished()
+            self._collect()
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(self.latest_step(), e) from e
 
 
 def _flatten_shapes(tree):
@@ -136,14 +279,16 @@ def restore_params(checkpoint_dir: str, config=None, step: int | None = None):
     config is only used to name the file in errors; shapes come from the file."""
     root = _checkpoint_root(checkpoint_dir)
     if storage.isdir(storage.join(root, "state")):  # a step folder
-        state_dir = storage.join(root, "state")
+        step_dir = root
     else:
         if not storage.isdir(root):
             raise FileNotFoundError(f"no checkpoint directory {checkpoint_dir!r}")
         steps = sorted(int(d) for d in storage.listdir(root) if d.isdigit())
         if not steps:
             raise FileNotFoundError(f"{root}: holds no complete checkpoint")
-        state_dir = storage.join(root, str(step if step is not None else steps[-1]), "state")
+        step_dir = storage.join(root, str(step if step is not None else steps[-1]))
+    verify(step_dir)  # never export flipped bits
+    state_dir = storage.join(step_dir, "state")
     quiet = _NoStepMetadataWarning()
     logging.getLogger("absl").addFilter(quiet)
     try:

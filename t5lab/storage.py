@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+import tempfile
 
 
 class StorageError(Exception):
@@ -38,9 +39,25 @@ def _fs(path: str):
 
 
 def check(path: str) -> None:
-    """Raises StorageError naming `path` when its file system is unusable."""
+    """Raises StorageError naming `path` when it cannot be a workdir: its file
+    system is unusable, it is a file, or it (or the folder it would be made in)
+    is not writable."""
     if is_remote(path):
         _fs(path)
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StorageError(f"{path}: is a file, not a folder")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe) or "."
+    if not os.path.isdir(probe):
+        raise StorageError(f"{path}: {probe} is a file, not a folder")
+    try:  # a real write: access() says yes to root on a read-only mount
+        fd, tmp = tempfile.mkstemp(prefix=".t5lab-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise StorageError(f"{path}: {probe} is not writable ({e.strerror or e})") from None
 
 
 def exists(path: str) -> bool:
@@ -107,3 +124,33 @@ def upload(local: str, path: str) -> None:
         return
     fs, p = _fs(path)
     fs.put_file(local, p)
+
+
+def walk(path: str) -> list[tuple[str, int]]:
+    """(path relative to `path`, size) of every file below a directory, sorted."""
+    if not is_remote(path):
+        out = []
+        for d, _, files in os.walk(path):
+            for f in files:
+                full = os.path.join(d, f)
+                out.append((os.path.relpath(full, path), os.path.getsize(full)))
+        return sorted(out)
+    fs, p = _fs(path)
+    found = fs.find(p, detail=True)
+    return sorted((posixpath.relpath(k, p), int(v.get("size") or 0)) for k, v in found.items()
+                  if v.get("type") != "directory")
+
+
+def open_binary(path: str):
+    if not is_remote(path):
+        return open(path, "rb")
+    fs, p = _fs(path)
+    return fs.open(p, "rb")
+
+
+def rename(src: str, dst: str) -> None:
+    if not is_remote(src):
+        os.replace(src, dst)
+        return
+    fs, p = _fs(src)
+    fs.mv(p, _fs(dst)[1], recursive=True)
