@@ -8,6 +8,7 @@ finished config and names the offending key.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -16,6 +17,11 @@ ARCHS = ("encoder_decoder", "decoder", "encoder")
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+# The model keys that decide the parameters' shapes and meaning: a checkpoint
+# (t5lab's or Hugging Face's) holds a model only for its values of these.
+ARCH_KEYS = ("arch", "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers",
+             "num_decoder_layers", "activation", "gated_mlp", "position", "relpos_buckets",
+             "relpos_max_distance", "relpos_per_layer", "tie_embeddings")
 
 
 def schema() -> ml_collections.ConfigDict:
@@ -108,6 +114,7 @@ def schema() -> ml_collections.ConfigDict:
     t.peak_tflops_per_device = 0.0  # for MFU; 0 uses a table by device kind
     t.stop_on_nonfinite = True   # a NaN/inf loss stops the run; the last good checkpoint stays
     t.stop_at_step = 0           # >0: save and stop there without changing the schedule (job time limits)
+    t.allow_data_change = False  # resume although the data fingerprint changed: the stream restarts
 
     # ----------------------------------------------------------- checkpoint
     k = c.checkpoint = ml_collections.ConfigDict()
@@ -174,6 +181,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(0.0 <= m.dropout_rate < 1.0, "model.dropout_rate", "must be in [0, 1)")
     _require(m.relpos_buckets > 0 and m.relpos_max_distance > 0, "model.relpos_buckets",
              "buckets and max distance must be positive")
+    _require(m.norm_eps > 0, "model.norm_eps", "must be positive")
+    _require(m.rope_theta > 0, "model.rope_theta", "must be positive")
 
     t = c.train
     _require(t.steps > 0, "train.steps", "must be positive")
@@ -181,6 +190,17 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(t.microbatches > 0 and t.batch_size % t.microbatches == 0, "train.microbatches",
              f"must divide train.batch_size={t.batch_size}")
     _require(t.z_loss >= 0, "train.z_loss", "must be >= 0")
+    _require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 disables evaluation), got {t.eval_every}")
+    _require(t.eval_every == 0 or t.eval_steps >= 1, "train.eval_steps",
+             f"must be >= 1 while train.eval_every > 0, got {t.eval_steps}")
+    _require(t.stop_at_step >= 0, "train.stop_at_step", f"must be >= 0 (0: run to train.steps), got {t.stop_at_step}")
+    _require(t.peak_tflops_per_device >= 0, "train.peak_tflops_per_device", "must be >= 0 (0: by device kind)")
+    _require(0 <= t.seed < 2**31, "train.seed", "must be in [0, 2**31)")
+    k = c.checkpoint
+    _require(k.every >= 0, "checkpoint.every", f"must be >= 0 (0 saves only at the end), got {k.every}")
+    _require(k.keep >= 1, "checkpoint.keep", f"must be >= 1 (the newest complete checkpoint is always kept), "
+             f"got {k.keep}")
 
     o = c.optim
     _require(o.name in ("adamw", "adafactor", "soap"), "optim.name",
@@ -202,6 +222,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(o.soap_precondition_frequency >= 1, "optim.soap_precondition_frequency", "must be >= 1")
     _require(o.soap_max_precond_dim >= 1, "optim.soap_max_precond_dim", "must be >= 1")
     _require(o.soap_shampoo_beta < 1, "optim.soap_shampoo_beta", "must be < 1 (negative: use b2)")
+    _require(o.decay_steps == -1 or o.decay_steps > 0, "optim.decay_steps", "must be -1 (train.steps) or positive")
+    _require(0 <= o.end_lr_fraction <= 1, "optim.end_lr_fraction", "must be in [0, 1]")
+    _require(0 < o.wsd_decay_fraction <= 1, "optim.wsd_decay_fraction", "must be in (0, 1]")
+    _require(o.power_a > 0 and o.power_b > 0, "optim.power_a", "power_a and power_b must be positive")
 
     d = c.data
     _require(d.inputs_length > 0 and d.targets_length > 0, "data.inputs_length",
@@ -231,6 +255,7 @@ def _check_keys(c, ref, prefix):
             ok = isinstance(c[key], want) or (want is float and isinstance(c[key], int))
             _require(ok and not (want is not bool and isinstance(c[key], bool)), prefix + key,
                      f"must be {want.__name__}, got {type(c[key]).__name__} {c[key]!r}")
+            _require(want is not float or math.isfinite(c[key]), prefix + key, f"must be finite, got {c[key]}")
 
 
 def load(spec: str | None, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
@@ -240,10 +265,7 @@ def load(spec: str | None, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
         path, _, arg = spec.partition(":")
         if not os.path.isfile(path):
             raise ConfigError(f"--config: no config file {path!r}")
-        modspec = importlib.util.spec_from_file_location("t5lab_user_config", path)
-        mod = importlib.util.module_from_spec(modspec)
-        modspec.loader.exec_module(mod)
-        cfg = mod.get_config(arg) if arg else mod.get_config()
+        cfg = _run_config_file(path, arg)
     else:
         cfg = schema()
     for item in overrides:
@@ -252,6 +274,31 @@ def load(spec: str | None, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
             raise ConfigError(f"override {item!r}: expected key=value")
         set_key(cfg, key, value)
     return validate(cfg)
+
+
+def _run_config_file(path: str, arg: str) -> ml_collections.ConfigDict:
+    """The ConfigDict of `path`'s get_config([arg]); any failure is one ConfigError naming the file."""
+    modspec = importlib.util.spec_from_file_location("t5lab_user_config", path)
+    mod = importlib.util.module_from_spec(modspec)
+    try:
+        modspec.loader.exec_module(mod)
+    except SyntaxError as e:
+        raise ConfigError(f"--config {path}: syntax error at line {e.lineno}: {e.msg}") from None
+    except Exception as e:
+        raise ConfigError(f"--config {path}: loading it raised {type(e).__name__}: {e}") from e
+    if not callable(getattr(mod, "get_config", None)):
+        raise ConfigError(f"--config {path}: defines no get_config() function")
+    try:
+        cfg = mod.get_config(arg) if arg else mod.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:
+        call = f"get_config({arg!r})" if arg else "get_config()"
+        raise ConfigError(f"--config {path}: {call} raised {type(e).__name__}: {e}") from e
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"--config {path}: get_config() returned {type(cfg).__name__}, "
+                          f"not an ml_collections.ConfigDict")
+    return cfg
 
 
 def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, dict[str, str]]:

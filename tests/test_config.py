@@ -47,6 +47,14 @@ def test_overrides_parse_by_type():
     ("optim.b2=1.0", "config.optim.b2"),
     ("model.position=rope", "config.model.position"),
     ("init.from_hf=/nonexistent/dir", "config.init.from_hf"),
+    ("train.log_every=0", "config.train.log_every"),
+    ("train.eval_steps=0", "config.train.eval_steps"),
+    ("checkpoint.keep=0", "config.checkpoint.keep"),
+    ("checkpoint.every=-1", "config.checkpoint.every"),
+    ("train.stop_at_step=-5", "config.train.stop_at_step"),
+    ("optim.learning_rate=nan", "config.optim.learning_rate"),
+    ("train.z_loss=inf", "config.train.z_loss"),
+    ("optim.end_lr_fraction=2", "config.optim.end_lr_fraction"),
 ])
 def test_bad_values_name_the_key(override, named):
     extra = ["mesh.tensor=4"] if "num_heads" in override else []
@@ -57,3 +65,18 @@ def test_bad_values_name_the_key(override, named):
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="nope.py"):
         config_lib.load("configs/nope.py:tiny")
+
+
+@pytest.mark.parametrize("body,named", [
+    ("def get_config(:\n", "syntax error at line 1"),
+    ("x = 1\n", "no get_config"),
+    ("def get_config():\n    raise RuntimeError('boom')\n", "RuntimeError: boom"),
+    ("import no_such_module_here\n", "ModuleNotFoundError"),
+    ("def get_config():\n    return None\n", "returned NoneType"),
+])
+def test_a_config_file_that_does_not_load_is_one_error_naming_it(tmp_path, body, named):
+    path = tmp_path / "mine.py"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match="mine.py") as err:
+        config_lib.load(str(path))
+    assert named in str(err.value) and "\n" not in str(err.value)
