@@ -1,8 +1,12 @@
-"""`t5lab train|export`: the command line. Errors from bad input print one
-line naming the key or file and exit with status 2, with nothing written.
+"""`t5lab train|export`: the command line.
 
     t5lab train [--config FILE.py[:preset]] [--workdir DIR] [--config.KEY=VALUE ...]
     t5lab export --workdir DIR [--out DIR] [--step N]
+
+Exit status: 0 done; 2 bad input (one line naming the key or file, nothing
+written); 1 the run failed (non-finite values, a save that failed, data that
+ran dry; one line); 143 (SIGTERM) or 130 (SIGINT): state saved, the run is
+not finished, the same command resumes it. --debug shows the traceback.
 """
 from __future__ import annotations
 
@@ -53,22 +57,35 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    debug = "--debug" in rest
+    rest = [a for a in rest if a != "--debug"]
     from t5lab import checkpointing, config as config_lib, storage
+    from t5lab.data.pipeline import DataError
     try:
         if command == "train":
             from t5lab import train
-            train.main(rest)
+            try:
+                train.main(rest)
+            except train.RunInterrupted as e:
+                print(f"t5lab: {e}", flush=True)
+                return e.exit_status
+            except (train.NonFiniteLoss, checkpointing.CheckpointWriteError, DataError) as e:
+                if debug:
+                    raise
+                print(f"t5lab: error: {e}", file=sys.stderr)
+                return 1
         elif command == "export":
             _export(rest)
         else:
             print(f"t5lab: unknown command {command!r}\n{USAGE}", file=sys.stderr)
             return 2
-    except (config_lib.ConfigError, checkpointing.CheckpointMismatch, FileNotFoundError,
-            storage.StorageError) as e:
+    except (config_lib.ConfigError, checkpointing.CheckpointMismatch, checkpointing.DamagedCheckpoint,
+            FileNotFoundError, storage.StorageError) as e:
+        if debug:
+            raise
         print(f"t5lab: error: {e}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ import shutil
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from t5lab.config import schema, validate
+from t5lab.config import ARCH_KEYS, schema, validate
 
 WEIGHTS = "model.safetensors"
 MLM_HEAD = "mlm_head.safetensors"
@@ -309,9 +309,10 @@ def save_pretrained(params, config, out_dir: str, spm_model: str | None = None) 
     return out_dir
 
 
-def load_pretrained(hf_dir: str):
+def load_pretrained(hf_dir: str, scan_layers: bool = False):
     """(params, config) from a directory written by save_pretrained or by
-    transformers (T5/UMT5 conditional generation or encoder, Llama)."""
+    transformers (T5/UMT5 conditional generation or encoder, Llama); the
+    params stacked for scanned layers when scan_layers."""
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf = json.load(f)
     state = _read_state(hf_dir)
@@ -329,7 +330,77 @@ def load_pretrained(hf_dir: str):
                                                                       state["shared.weight"]):
             del state["lm_head.weight"]  # saved explicitly but tied and scaled: t5lab's tied head
     config = config_from_hf(hf, has_lm_head="lm_head.weight" in state)
+    config.model.scan_layers = scan_layers
     return from_hf_state(state, config, hf), config
+
+
+# Model keys a Hugging Face checkpoint decides: a user who sets one to another
+# value asks for a model the checkpoint is not (the rest, dropout included,
+# default to the checkpoint's and may be overridden).
+DECIDED_KEYS = ARCH_KEYS + ("norm_eps", "rope_theta")
+ADOPTED_KEYS = DECIDED_KEYS + ("dropout_rate",)
+SPM_FILES = ("spiece.model", "tokenizer.model")
+
+
+def _weight_names(hf_dir: str) -> set[str]:
+    from safetensors import safe_open
+    path = os.path.join(hf_dir, WEIGHTS)
+    if os.path.exists(path):
+        with safe_open(path, "np") as f:
+            names = set(f.keys())
+    else:
+        index = os.path.join(hf_dir, WEIGHTS + ".index.json")
+        if not os.path.exists(index):
+            raise FileNotFoundError(f"config.init.from_hf: {hf_dir} has no {WEIGHTS} (or its index)")
+        with open(index) as f:
+            names = set(json.load(f)["weight_map"])
+    if os.path.exists(os.path.join(hf_dir, MLM_HEAD)):
+        names.add("lm_head.weight")
+    return names
+
+
+def adopt_model(config, explicit: set[str]):
+    """`config` with the model shape and tokenizer of config.init.from_hf: keys
+    the user did not set (`explicit` holds the dotted keys set on the command
+    line) come from the checkpoint; a set key that conflicts is an error."""
+    hf_dir = config.init.from_hf
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.init.from_hf: {hf_dir} has no config.json")
+    with open(path) as f:
+        hf = json.load(f)
+    names = _weight_names(hf_dir)
+    has_head = "lm_head.weight" in names
+    if hf.get("model_type") in ("t5", "umt5") and any("ConditionalGeneration" in a
+                                                        for a in hf.get("architectures") or []):
+        scales = _hf_scales_logits(hf)
+        # as load_pretrained: an unscaled tied head is imported as an untied copy,
+        # a head saved beside a tied, scaled one is t5lab's tied head
+        has_head = (has_head and not (scales and hf.get("tie_word_embeddings", True))) or not scales
+    try:
+        hf_model = config_from_hf(hf, has_lm_head=has_head).model
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"config.init.from_hf: {path}: {e}") from None
+    c = config.copy_and_resolve_references()
+    for key in ADOPTED_KEYS:
+        if f"model.{key}" not in explicit:
+            c.model[key] = hf_model[key]
+        elif key in DECIDED_KEYS and c.model[key] != hf_model[key]:
+            raise ValueError(f"config.model.{key}: set to {c.model[key]!r} but the Hugging Face "
+                             f"checkpoint {hf_dir} has {hf_model[key]!r}; leave it out to take the "
+                             f"checkpoint's")
+    spm_model = next((os.path.join(hf_dir, n) for n in SPM_FILES if os.path.isfile(os.path.join(hf_dir, n))), None)
+    given = c.data.tokenizer if "data.tokenizer" in explicit else ""
+    if given:
+        if spm_model and os.path.isfile(given) and open(given, "rb").read() != open(spm_model, "rb").read():
+            raise ValueError(f"config.data.tokenizer: {given} is not the tokenizer of the Hugging Face "
+                             f"checkpoint ({spm_model}); leave it out to take the checkpoint's")
+    elif spm_model:
+        c.data.tokenizer = spm_model
+    else:
+        raise ValueError(f"config.data.tokenizer: the Hugging Face checkpoint {hf_dir} holds no "
+                         f"SentencePiece model ({' or '.join(SPM_FILES)}); give the one it was trained with")
+    return validate(c)
 
 
 def _read_state(hf_dir):

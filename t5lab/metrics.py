@@ -116,6 +116,26 @@ def tfrecord(data: bytes) -> bytes:
     return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
 
 
+def _keep_rows_up_to(path: str, step: int) -> None:
+    """Drops the rows after `step` (and a line torn by a crash): a run resumed
+    from its checkpoint at `step` writes those steps again, so each step is
+    logged once, by the run that continued."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
 class MetricWriter:
     """JSONL + TensorBoard for process 0; a no-op elsewhere.
 
@@ -123,7 +143,8 @@ class MetricWriter:
     are written in a local staging folder and copied up whole, at most every
     `upload_every` seconds and on close."""
 
-    def __init__(self, workdir: str, enabled: bool = True, upload_every: float = 30.0):
+    def __init__(self, workdir: str, enabled: bool = True, upload_every: float = 30.0,
+                 resume_step: int | None = None):
         self.enabled = enabled
         if not enabled:
             return
@@ -139,6 +160,8 @@ class MetricWriter:
             old = storage.join(self._remote, "metrics.jsonl")
             if storage.exists(old):  # a resumed run appends to the earlier lines
                 storage.download(old, self._files["metrics.jsonl"])
+        if resume_step is not None:
+            _keep_rows_up_to(self._files["metrics.jsonl"], resume_step)
         self._jsonl = open(self._files["metrics.jsonl"], "a")
         self._tb = open(self._files[f"tensorboard/{name}"], "ab")
         self._tb.write(tfrecord(encode_event(0, time.time(), file_version="brain.Event:2")))

@@ -10,10 +10,14 @@ and at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import signal
+import socket
 import sys
+import tempfile
 import time
 
 import jax
@@ -26,13 +30,22 @@ from t5lab.train_step import build_program, global_batch, num_denoisers, params_
 
 log = logging.getLogger("t5lab")
 
-ARCH_KEYS = ("arch", "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers",
-             "num_decoder_layers", "activation", "gated_mlp", "position", "relpos_buckets",
-             "relpos_max_distance", "relpos_per_layer", "tie_embeddings")
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class RunInterrupted(Exception):
+    """SIGTERM/SIGINT: the state was saved; the run is not finished."""
+
+    def __init__(self, signal_name: str, step: int, message: str):
+        super().__init__(message)
+        self.signal_name, self.step = signal_name, step
+
+    @property
+    def exit_status(self) -> int:  # what a shell reports for a process the signal ended
+        return 128 + int(signal.Signals[self.signal_name])
 
 
 class _StopFlag:
@@ -63,9 +76,53 @@ class _StopFlag:
         return bool(np.any(multihost_utils.process_allgather(np.int32(mine))))
 
 
-def _prepare_tokenizer(config, workdir: str) -> str:
-    from t5lab.data import tokenizer as tok_lib
-    path = tok_lib.resolve(config)
+class _WorkdirLock:
+    """One trainer per workdir: an flock on WORKDIR/trainer.lock, which the
+    kernel releases when its process dies, however it dies. (An object store
+    has no such lock: gs:// workdirs are not locked.)"""
+
+    def __init__(self, workdir: str):
+        self.fd = None
+        if storage.is_remote(workdir):
+            return
+        import fcntl
+        path = os.path.join(workdir, "trainer.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise config_lib.ConfigError(f"--workdir {workdir}: in use by {holder}; stop that "
+                                         f"trainer or use another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"trainer pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _run_tokenizer(config, workdir: str) -> str:
+    """The run's tokenizer: WORKDIR/tokenizer.model from its first start on;
+    before that, config.data.tokenizer or the default one."""
+    from t5lab.data import pipeline, tokenizer as tok_lib
+    saved = storage.join(workdir, "tokenizer.model")
+    if storage.exists(saved):
+        if storage.is_remote(saved):
+            local = os.path.join(tempfile.mkdtemp(prefix="t5lab-tok-"), "tokenizer.model")
+            storage.download(saved, local)
+            saved = local
+        given = config.data.tokenizer
+        if given and os.path.isfile(given) and pipeline.file_digest(given) != pipeline.file_digest(saved):
+            raise config_lib.ConfigError(
+                f"config.data.tokenizer: {given} is not the tokenizer this run trained with "
+                f"({storage.join(workdir, 'tokenizer.model')}); leave the key out to resume")
+        path = saved
+    else:
+        path = tok_lib.resolve(config)
     size = tok_lib.Tokenizer(path).vocab_size
     if size > config.model.vocab_size:
         raise config_lib.ConfigError(
@@ -79,17 +136,26 @@ def _check_workdir_config(workdir: str, config) -> None:
     if not storage.exists(saved):
         return
     old = json.loads(storage.read_text(saved))["model"]
-    for key in ARCH_KEYS:
+    for key in config_lib.ARCH_KEYS:
         if key in old and old[key] != config.model[key]:
             raise checkpointing.CheckpointMismatch(
                 f"{workdir} holds a run with config.model.{key}={old[key]!r}, but this config has "
                 f"{config.model[key]!r}. Use another --workdir, or the same model keys to resume.")
 
 
+def _check_batch(config, mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    b, k = config.train.batch_size, config.train.microbatches
+    if (b // k) % shards:
+        raise config_lib.ConfigError(
+            f"config.train.batch_size: {b} rows" + (f" in {k} microbatches" if k > 1 else "") +
+            f" do not split over the mesh's data x fsdp = {shards} batch shards")
+
+
 def _params_from_hf(config, program):
     from t5lab import hf
-    params, hf_cfg = hf.load_pretrained(config.init.from_hf)
-    for key in ARCH_KEYS:
+    params, hf_cfg = hf.load_pretrained(config.init.from_hf, scan_layers=config.model.scan_layers)
+    for key in config_lib.ARCH_KEYS:
         if hf_cfg.model[key] != config.model[key]:
             raise config_lib.ConfigError(
                 f"config.model.{key}: is {config.model[key]!r} but the Hugging Face checkpoint "
@@ -98,6 +164,18 @@ def _params_from_hf(config, program):
     return jax.tree_util.tree_map(
         lambda a, s: jax.make_array_from_callback(a.shape, s, lambda idx: np.asarray(a)[idx]),
         params, shardings)
+
+
+def _data_state(data_iter, fingerprint: dict) -> dict:
+    """All lanes' positions (gathered from every process) and the fingerprint."""
+    mine = data_iter.get_state()["lanes"]
+    lanes = np.array([mine[str(lane)] for lane in data_iter.lanes], np.int64)
+    if lanes.max(initial=0) >= 2**31:
+        raise OverflowError("data position beyond int32")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        lanes = np.asarray(multihost_utils.process_allgather(lanes.astype(np.int32))).reshape(-1, 2)
+    return {"fingerprint": fingerprint, "lanes": lanes.tolist()}
 
 
 def run(config, workdir: str, *, progress: bool = True) -> dict:
@@ -113,9 +191,11 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
     try:
         storage.check(workdir)
         _check_workdir_config(workdir, config)
-        tok_path = _prepare_tokenizer(config, workdir)
+        tok_path = _run_tokenizer(config, workdir)
         train_ds = pipeline.make_dataset(config, "train", tokenizer_path=tok_path)
+        pipeline.probe(train_ds)
         mesh = sharding.make_mesh(config.mesh)
+        _check_batch(config, mesh)
         program = build_program(config, mesh)
     except (config_lib.ConfigError, checkpointing.CheckpointMismatch, FileNotFoundError):
         raise
@@ -123,11 +203,38 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
         raise config_lib.ConfigError(f"--workdir {e}") from None
     except (ValueError, KeyError) as e:  # the data, tokenizer or optimizer refused the input
         raise config_lib.ConfigError(e.args[0] if e.args else repr(e)) from e
+    if is_main:
+        storage.makedirs(workdir)
+    lock = _WorkdirLock(workdir) if is_main else None
+    try:
+        return _train(config, workdir, program, train_ds, tok_path, mesh, is_main, progress,
+                      DENOISER_NAMES)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(config, workdir, program, train_ds, tok_path, mesh, is_main, progress, denoiser_names):
+    from t5lab.data import pipeline
     ckpts = checkpointing.Checkpoints(workdir, config.checkpoint)
+    notes = []
+    latest = ckpts.latest_intact_step(report=notes.append)
     data_iter = iter(train_ds)
-    latest = ckpts.latest_step()
+    restarted_data = False
     if latest is not None:
-        state = ckpts.restore(latest, program.abstract_state, data_iter)
+        saved = ckpts.restore_data(latest)
+        diff = pipeline.fingerprint_difference(saved["fingerprint"], train_ds.fingerprint)
+        if diff and not config.train.allow_data_change:
+            raise config_lib.ConfigError(
+                f"config.data: the data changed since checkpoint {latest} ({diff}); resuming would "
+                f"replay its position into other data. Restore the data, or continue deliberately "
+                f"with --config.train.allow_data_change=true (the stream restarts at step {latest})")
+        state = ckpts.restore(latest, program.abstract_state)
+        if diff:
+            restarted_data = True
+            notes.append(f"data changed ({diff}): the data stream restarts at step {latest}")
+        else:
+            data_iter.set_state({"lanes": {str(i): p for i, p in enumerate(saved["lanes"])}})
         origin = f"resumed from {ckpts.root}/{latest}"
     elif config.init.from_hf:
         state = program.init_state(jax.random.key(config.train.seed))
@@ -138,14 +245,17 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
         origin = "initialised at random"
 
     if is_main:
-        storage.makedirs(workdir)
         storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
         if not storage.exists(storage.join(workdir, "tokenizer.model")):
             storage.upload(tok_path, storage.join(workdir, "tokenizer.model"))
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     start = int(jax.device_get(state["step"]))
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=start)
+    if restarted_data:
+        writer.write(start, {"data_restarted": 1.0})
     end = config.train.stop_at_step or config.train.steps
     bar = metrics_lib.Progress(config.train.steps, start, enabled=is_main and progress)
+    for note in notes:
+        bar.message(f"t5lab: {note}")
     bar.message(f"t5lab: {config.model.arch} model, {_count(state['params']) / 1e6:.2f}M params, "
                 f"mesh {dict(mesh.shape)} on {jax.device_count()} devices "
                 f"({jax.process_count()} processes); {origin}")
@@ -154,17 +264,21 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
     peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind,
                                    config.train.peak_tflops_per_device)
     n_den = num_denoisers(config)
-    names = DENOISER_NAMES if n_den else ()
+    names = denoiser_names if n_den else ()
     window, last = [], {}
     t_window = time.time()
     pending = None  # (step, device metrics): read one step late so dispatch never waits
+    fingerprint = train_ds.fingerprint
 
     def finish(step_done: int, m_dev):
         nonlocal t_window, window, last
         m = jax.device_get(m_dev)
-        if config.train.stop_on_nonfinite and not np.isfinite(m["loss"]):
-            raise NonFiniteLoss(f"step {step_done}: loss is {m['loss']}; stopped. The last "
-                                f"good checkpoint is kept in {ckpts.root}")
+        bad = [k for k in ("loss", "grad_norm") if not np.isfinite(m[k])]
+        bad += [] if m["params_finite"] else ["parameters"]
+        if bad and config.train.stop_on_nonfinite:
+            raise NonFiniteLoss(f"step {step_done}: non-finite {', '.join(bad)} (loss {m['loss']}); "
+                                f"stopped without saving it. The last checkpoint, "
+                                f"{ckpts.latest_step()}, holds finite parameters ({ckpts.root})")
         window.append(m)
         if step_done % config.train.log_every == 0 or step_done == end:
             dt = (time.time() - t_window) / len(window)
@@ -179,9 +293,13 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
             finish(*pending)
             pending = None
 
-    with _StopFlag() as stop:
-        step = start
-        try:
+    def save(step_now, force=False):
+        flush()  # never save a state whose loss, gradients or parameters were not finite
+        ckpts.save(step_now, state, _data_state(data_iter, fingerprint), force=force)
+
+    try:
+        with _StopFlag() as stop:
+            step = start
             while step < end:
                 batch = global_batch(next(data_iter), program.batch_sharding)
                 state, m_dev = program.train_step(state, batch)
@@ -195,24 +313,26 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
                     writer.write(step, ev)
                     bar.message(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
                 if stop.agreed():
-                    flush()
-                    ckpts.save(step, state, data_iter, force=True)
-                    ckpts.close()
-                    bar.message(f"{stop.raised or 'stop'} received: saved step {step} to "
-                                f"{ckpts.root}; run the same command to resume.")
-                    writer.close()
-                    return last
+                    save(step, force=True)
+                    raise RunInterrupted(stop.raised or "SIGTERM", step,
+                                         f"{stop.raised or 'stop'} received: saved step {step} to "
+                                         f"{ckpts.root}; the run is not finished: run the same "
+                                         f"command to resume.")
                 if config.checkpoint.every and step % config.checkpoint.every == 0:
-                    flush()  # never save a state whose loss was not finite
-                    ckpts.save(step, state, data_iter)
-            flush()
-        except NonFiniteLoss:
+                    save(step)
+            save(step, force=True)
+    except RunInterrupted:
+        ckpts.close()  # the saved step must be complete (and sealed) before the exit
+        raise
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that stopped the run is the one to show
             ckpts.close()
-            writer.close()
-            raise
-        ckpts.save(step, state, data_iter, force=True)
+        raise
+    else:
         ckpts.close()
-    writer.close()
+    finally:
+        data_iter.close()
+        writer.close()
     bar.message(f"done: step {step}. Checkpoint: {ckpts.root}/{step}\n"
                 f"Export to Hugging Face: t5lab export --workdir {workdir} --out {workdir}/hf")
     return last
@@ -220,11 +340,14 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
 
 def evaluate(config, program, params, tok_path: str, names) -> dict:
     from t5lab.data import pipeline
-    it = iter(pipeline.make_dataset(config, "eval", tokenizer_path=tok_path))
+    it = iter(pipeline.make_dataset(config, "eval", tokenizer_path=tok_path, num_workers=0))
     total = None
-    for _ in range(config.train.eval_steps):
-        sums = jax.device_get(program.eval_step(params, global_batch(next(it), program.batch_sharding)))
-        total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
+    try:
+        for _ in range(config.train.eval_steps):
+            sums = jax.device_get(program.eval_step(params, global_batch(next(it), program.batch_sharding)))
+            total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
+    finally:
+        it.close()
     w = max(float(total["weight"]), 1.0)
     out = {"eval/loss": float(total["ce"]) / w, "eval/accuracy": float(total["correct"]) / w}
     for i, name in enumerate(names):
@@ -284,14 +407,21 @@ def _count(params) -> int:
 
 
 def main(argv=None):
-    config, flags = config_lib.parse_args(sys.argv[1:] if argv is None else argv)
-    unknown = set(flags) - {"workdir"}
+    argv = sys.argv[1:] if argv is None else argv
+    config, flags = config_lib.parse_args(argv)
+    unknown = set(flags) - {"workdir", "debug"}
     if unknown:
         raise config_lib.ConfigError(f"unknown flag --{sorted(unknown)[0]}")
+    if config.init.from_hf:
+        from t5lab import hf
+        explicit = {a[len("--config."):].partition("=")[0] for a in argv if a.startswith("--config.")}
+        try:
+            config = hf.adopt_model(config, explicit)
+        except ValueError as e:
+            raise config_lib.ConfigError(str(e)) from None
     run(config, flags.get("workdir", "runs/default"))
 
 
-if __name__ == "__main__":
-    from t5lab import hostenv
-    hostenv.reexec_with_hugepages()
-    main()
+if __name__ == "__main__":  # `python -m t5lab.train ...` is `t5lab train ...`
+    from t5lab import cli
+    sys.exit(cli.main(["train", *sys.argv[1:]]))

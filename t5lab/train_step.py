@@ -179,6 +179,10 @@ def build_program(config, mesh, total_steps: int | None = None) -> TrainProgram:
         params = optax.apply_updates(state["params"], updates)
         metrics = _summarise(sums, n_den, config.train.z_loss)
         metrics["grad_norm"] = optax.tree.norm(grads)
+        # The checkpoint after this step holds `params`: a finite loss can hide
+        # non-finite updates, so the loop checks the parameters themselves.
+        metrics["params_finite"] = jnp.all(jnp.stack(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)]))
         metrics["lr"] = schedule(state["step"])
         metrics["nonpad_fraction"] = batch_stats(batch)
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}

@@ -2,10 +2,9 @@
 127.0.0.1 (2 processes x 4 CPU devices) against one process with 8 devices;
 launch/tpu_vm.sh against a stand-in gcloud.
 
-The data pipeline gives each process its own shard of the documents, so the
-single-process reference is fed exactly the rows the two processes read
-together (their two shards, concatenated per step): any difference left is the
-distributed train step's or the checkpoint's.
+The data stream is global (t5lab/data/pipeline.py): each process builds its
+rows of every global batch, so a 2-process run trains on exactly the batches
+of a 1-process run, and a run resumes on another process count.
 """
 import json
 import os
@@ -21,27 +20,6 @@ TRAIN_ARGS = ["--config", "configs/t5_1_1.py:tiny", f"--config.train.steps={STEP
               "--config.train.eval_every=0", "--config.train.log_every=1",
               "--config.checkpoint.every=0", "--config.optim.warmup_steps=1"]
 
-# One process, 8 devices, reading process 0's and process 1's shards of a
-# 2-process run and concatenating them into each global batch.
-REFERENCE = """
-import sys
-import grain
-from t5lab import train
-from t5lab.data import pipeline
-
-make_dataset = pipeline.make_dataset
-
-def both_shards(config, split="train", *, tokenizer_path, **_):
-    shards = [make_dataset(config, split, tokenizer_path=tokenizer_path, process_index=i,
-                           process_count=2) for i in range(2)]
-    # Equal weights alternate shard 0, shard 1; batch(2) pairs them into one step.
-    pairs = grain.IterDataset.mix(shards, weights=[1, 1]).batch(2)
-    return pairs.map(lambda b: {k: v.reshape(-1, v.shape[-1]) for k, v in b.items()})
-
-pipeline.make_dataset = both_shards
-train.main(sys.argv[1:])
-"""
-
 
 def _env(**extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
@@ -55,21 +33,42 @@ def _losses(workdir):
     return [r["step"] for r in rows if "loss" in r], np.array([r["loss"] for r in rows if "loss" in r])
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """(2-process workdir, 1-process reference workdir), each trained STEPS steps."""
-    base = tmp_path_factory.mktemp("launch")
-    multi, single = str(base / "multi"), str(base / "single")
-    proc = subprocess.run(["launch/multiprocess.sh", "2", *TRAIN_ARGS, "--workdir", multi],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[0] " in proc.stdout and "[1] " in proc.stdout  # per-process prefixes
-    assert "2 processes" in proc.stdout
-    proc = subprocess.run([sys.executable, "-c", REFERENCE, *TRAIN_ARGS, "--workdir", single],
-                          cwd=ROOT, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+def _train(processes: int, workdir: str, *extra):
+    if processes == 1:
+        cmd = [sys.executable, "-m", "t5lab.cli", "train"]
+        env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    else:
+        cmd, env = ["launch/multiprocess.sh", str(processes)], _env()
+    proc = subprocess.run([*cmd, *TRAIN_ARGS, "--workdir", workdir, *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(2-process workdir, 1-process workdir), each trained STEPS steps."""
+    base = tmp_path_factory.mktemp("launch")
+    multi, single = str(base / "multi"), str(base / "single")
+    proc = _train(2, multi)
+    assert "[0] " in proc.stdout and "[1] " in proc.stdout  # per-process prefixes
+    assert "2 processes" in proc.stdout
+    _train(1, single)
     return multi, single
+
+
+@pytest.mark.parametrize("before,after", [(1, 2), (2, 1)])
+def test_resume_on_another_process_count(runs, tmp_path, before, after):
+    """Stopped at step 2 on one process count, finished on the other: the same
+    losses as the uninterrupted 1-process run."""
+    wd = str(tmp_path / "run")
+    _train(before, wd, "--config.train.stop_at_step=2")
+    proc = _train(after, wd)
+    assert f"resumed from {wd}/checkpoints/2" in proc.stdout
+    steps, losses = _losses(wd)
+    ref_steps, ref = _losses(runs[1])
+    assert steps == ref_steps == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(losses, ref, rtol=0, atol=1e-5)
 
 
 def test_two_processes_match_one_process(runs):

@@ -1,6 +1,7 @@
-"""`t5lab train` as a user runs it: SIGTERM saves and exits cleanly, bad input
+"""`t5lab train` as a user runs it: SIGTERM saves and exits 143, bad input
 exits 2 with one line naming the key, and --config.init.from_hf continues from
 a Hugging Face checkpoint."""
+import json
 import os
 import signal
 import subprocess
@@ -30,8 +31,8 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
             p.send_signal(signal.SIGTERM)
             break
     out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-    assert "SIGTERM received: saved step" in out
+    assert p.returncode == 143, err[-3000:]  # saved, not finished: `train && export` stops here
+    assert "SIGTERM received: saved step" in out and "not finished" in out
     saved = int(out.split("saved step ")[1].split()[0])
     assert saved >= 3
     assert checkpointing.Checkpoints(wd, config_lib.schema().checkpoint).latest_step() == saved
@@ -58,24 +59,42 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, named):
     assert not wd.exists()
 
 
-def test_continued_pretraining_from_hf(tmp_path):
-    """The first step's learning rate is 0 under warmup, so after one step the
-    params are exactly the Hugging Face ones."""
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny T5 v1.1 with its tokenizer, as a Hugging Face directory."""
     from t5lab import hf, models
+    from t5lab.data import tokenizer
     import flax.linen as nn
     cfg = config_lib.load("configs/t5_1_1.py:tiny")
-    model = models.build(cfg)
-    params = nn.unbox(model.init(jax.random.key(7), models.dummy_batch(cfg, 1))["params"])
-    hf_dir = str(tmp_path / "hf")
-    hf.save_pretrained(params, cfg, hf_dir)
+    params = nn.unbox(models.build(cfg).init(jax.random.key(7), models.dummy_batch(cfg, 1))["params"])
+    out = str(tmp_path_factory.mktemp("hf") / "hf")
+    hf.save_pretrained(params, cfg, out, spm_model=tokenizer.resolve(cfg))
+    return out
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_continued_pretraining_takes_the_model_and_tokenizer_from_hf(tmp_path, hf_dir, scan):
+    """Only --config.init.from_hf is given (the defaults are another model): the
+    shape and tokenizer come from the directory. The first step's learning rate
+    is 0 under warmup, so after one step the params are exactly the Hugging Face ones."""
+    from t5lab import hf
     wd = str(tmp_path / "cont")
-    run_cfg = config_lib.load("configs/t5_1_1.py:tiny", [
-        f"init.from_hf={hf_dir}", "train.stop_at_step=1", "train.eval_every=0"])
-    train.run(run_cfg, wd, progress=False)
+    train.main([f"--config.init.from_hf={hf_dir}", f"--config.model.scan_layers={scan}",
+                "--config.train.stop_at_step=1", "--config.train.eval_every=0",
+                "--config.train.batch_size=8", "--workdir", wd])
+    saved = config_lib.load(None)
+    saved.update_from_flattened_dict({f"model.{k}": v for k, v in json.load(open(f"{wd}/config.json"))["model"].items()})
+    want, hf_cfg = hf.load_pretrained(hf_dir, scan_layers=scan)
+    assert saved.model.d_model == hf_cfg.model.d_model != config_lib.schema().model.d_model
+    assert open(f"{wd}/tokenizer.model", "rb").read() == open(f"{hf_dir}/spiece.model", "rb").read()
     got = checkpointing.restore_params(wd)
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(params)):
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_array_equal(a, np.asarray(b))
-    # A config whose model differs from the checkpoint is refused, naming the key.
-    bad = config_lib.load("configs/t5_1_1.py:tiny", [f"init.from_hf={hf_dir}", "model.d_ff=96"])
-    with pytest.raises(config_lib.ConfigError, match="config.model.d_ff"):
-        train.run(bad, str(tmp_path / "bad"), progress=False)
+
+
+def test_continued_pretraining_refuses_a_conflicting_model_key(tmp_path, hf_dir):
+    wd = tmp_path / "bad"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.model\.d_ff.*leave it out"):
+        train.main([f"--config.init.from_hf={hf_dir}", "--config.model.d_ff=96", "--workdir", str(wd)])
+    assert not wd.exists()
