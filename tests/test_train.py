@@ -106,6 +106,13 @@ def test_missing_data_path_fails_before_writing(tmp_path):
     assert not wd.exists()
 
 
+def test_a_batch_that_does_not_split_over_the_mesh_fails_before_writing(tmp_path):
+    wd = tmp_path / "split"
+    with pytest.raises(config_lib.ConfigError, match=r"config\.train\.batch_size: 4 rows .* 8 batch shards"):
+        train.run(tiny("train.batch_size=4", "mesh.data=8"), str(wd), progress=False)
+    assert not wd.exists()
+
+
 def test_default_run_loss_falls(tmp_path):
     """The embedded default (no --config), shortened."""
     cfg = config_lib.load(None, ["train.steps=40", "train.log_every=10", "train.eval_every=20",

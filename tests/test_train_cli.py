@@ -49,6 +49,9 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
     (["--config.data.source=text", "--config.data.paths=/no/such/*.txt"], "/no/such/*.txt"),
     (["--config.data.objective=mlm"], "config.data"),       # MLM is for the encoder-only model
     (["--config.optim.soap_precondition_frequency=0"], "soap_precondition_frequency"),
+    (["--config.train.log_every=0"], "config.train.log_every"),
+    (["--config.checkpoint.keep=0"], "config.checkpoint.keep"),
+    (["--config.mesh.data=4"], "config.mesh"),           # one device here
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, named):
     wd = tmp_path / "bad"
@@ -70,6 +73,25 @@ def hf_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("hf") / "hf")
     hf.save_pretrained(params, cfg, out, spm_model=tokenizer.resolve(cfg))
     return out
+
+
+def test_a_workdir_that_cannot_be_one_is_refused_in_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    p = t5lab("train", *TINY, "--workdir", str(afile))
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "afile: is a file" in err and "Traceback" not in err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        p = t5lab("train", *TINY, "--workdir", str(ro / "run"))
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 2 and "is not writable" in err and "Traceback" not in err
+    finally:
+        subprocess.run(["umount", "-l", str(ro)])
 
 
 @pytest.mark.parametrize("scan", [False, True])
