@@ -163,11 +163,21 @@ def test_metrics_hold_each_step_once_after_a_crash(full, at4, tmp_path):
     assert losses(wd) == losses(full)
 
 
-def test_other_worker_count_resumes_the_same_stream(full, at4, tmp_path):
-    wd = _copy(at4, tmp_path)
-    train.run(tiny("data.num_workers=2"), wd, progress=False)
+@pytest.mark.parametrize("scan", [False, True])
+def test_other_worker_count_resumes_the_same_stream(full, at4, tmp_path, scan):
+    """num_workers 0 -> 2, against the uninterrupted run (scanned layers draw their
+    initial weights otherwise, so they get a reference of their own)."""
+    reference = full
+    if scan:
+        wd, reference = str(tmp_path / "scanned"), str(tmp_path / "scanned-reference")
+        train.run(tiny("model.scan_layers=true"), reference, progress=False)
+        train.run(tiny("train.stop_at_step=4", "model.scan_layers=true"), wd, progress=False)
+    else:
+        wd = _copy(at4, tmp_path)
+    train.run(tiny("data.num_workers=2", f"model.scan_layers={str(scan).lower()}"), wd, progress=False)
+    assert sorted(losses(wd)) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
-        np.testing.assert_allclose(losses(wd)[step], losses(full)[step], atol=1e-5)
+        np.testing.assert_allclose(losses(wd)[step], losses(reference)[step], atol=1e-5)
 
 
 @pytest.fixture

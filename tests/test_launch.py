@@ -57,16 +57,22 @@ def runs(tmp_path_factory):
     return multi, single
 
 
-@pytest.mark.parametrize("before,after", [(1, 2), (2, 1)])
-def test_resume_on_another_process_count(runs, tmp_path, before, after):
-    """Stopped at step 2 on one process count, finished on the other: the same
-    losses as the uninterrupted 1-process run."""
+@pytest.mark.parametrize("before,after,scan", [(1, 2, False), (2, 1, True)])
+def test_resume_on_another_process_count(runs, tmp_path, before, after, scan):
+    """Stopped at step 2 on one process count, finished on the other (scanned
+    layers or not): the same losses as the uninterrupted 1-process run.
+    (Scanned layers draw their initial weights otherwise: their own reference.)"""
     wd = str(tmp_path / "run")
-    _train(before, wd, "--config.train.stop_at_step=2")
-    proc = _train(after, wd)
+    scan_arg = f"--config.model.scan_layers={str(scan).lower()}"
+    _train(before, wd, "--config.train.stop_at_step=2", scan_arg)
+    proc = _train(after, wd, scan_arg)
     assert f"resumed from {wd}/checkpoints/2" in proc.stdout
     steps, losses = _losses(wd)
-    ref_steps, ref = _losses(runs[1])
+    reference = runs[1]
+    if scan:
+        reference = str(tmp_path / "scanned-reference")
+        _train(1, reference, scan_arg)
+    ref_steps, ref = _losses(reference)
     assert steps == ref_steps == list(range(1, STEPS + 1))
     np.testing.assert_allclose(losses, ref, rtol=0, atol=1e-5)
 
