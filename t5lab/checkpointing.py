@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import zlib
 
 import jax
@@ -89,7 +90,8 @@ def _is_disk_full(e: BaseException) -> bool:
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if "No space left on device" in str(e):
+        text = str(e)  # tensorstore reports ENOSPC as text: "[os_error_code='28']"
+        if "No space left on device" in text or "os_error_code='28'" in text:
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -198,6 +200,7 @@ class Checkpoints:
             if step in self.steps():  # the final save right after a periodic one
                 return False
             self._collect()
+            self._check_space(step, state)
             args = {"state": ocp.args.StandardSave(state)}
             if self.save_data and data_state is not None:
                 args["data"] = ocp.args.JsonSave(data_state)
@@ -205,14 +208,31 @@ class Checkpoints:
             if not self.async_save:
                 self._seal_finished()
             return saved
+        except CheckpointWriteError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise self._write_error(step, e) from e
+
+    def _check_space(self, step, state):
+        """Refuses a save that cannot fit on a local disk before writing a byte: a
+        save that runs out of space midway fails in every writer thread at once."""
+        if storage.is_remote(self.root):
+            return
+        need = sum(x.nbytes for x in jax.tree_util.tree_leaves(state)) + (1 << 20)  # uncompressed
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if free < need:
+            raise CheckpointWriteError(
+                f"saving checkpoint {step} to {self.root}: no space left on device ({free / 1e6:.1f} MB "
+                f"free, the checkpoint needs up to {need / 1e6:.1f} MB); the previous checkpoint is intact")
 
     def _write_error(self, step, e) -> CheckpointWriteError:
         if _is_disk_full(e):
             return CheckpointWriteError(f"saving checkpoint {step} to {self.root}: no space left on "
                                         f"device; the previous checkpoint is intact")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if len(first) > 300:  # tensorstore puts its whole spec into the message
+            first = first[:300] + " ..."
         return CheckpointWriteError(f"saving checkpoint {step} to {self.root}: {first}")
 
     def _seal_finished(self):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 
@@ -48,6 +49,14 @@ def _export(argv: list[str]) -> None:
     print(f"wrote {out}: load it with transformers' from_pretrained({out!r})")
 
 
+def _quiet_failed_saves():
+    """A failed save is reported in one line by the trainer; without --debug,
+    Orbax's own error records of it (a traceback per writer thread) are dropped."""
+    import logging
+    logging.getLogger("absl").addFilter(
+        lambda record: not (record.levelno >= logging.ERROR and "orbax" in record.pathname))
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the process's own command line: a fresh process may re-exec
         from t5lab import hostenv
@@ -64,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "train":
             from t5lab import train
+            if not debug:
+                _quiet_failed_saves()
             try:
                 train.main(rest)
+                for sig in (signal.SIGTERM, signal.SIGINT):  # finished: a late signal changes nothing
+                    signal.signal(sig, signal.SIG_IGN)
             except train.RunInterrupted as e:
                 print(f"t5lab: {e}", flush=True)
                 return e.exit_status
@@ -73,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                 if debug:
                     raise
                 print(f"t5lab: error: {e}", file=sys.stderr)
+                if isinstance(e, checkpointing.CheckpointWriteError):
+                    # The failed save's pending tensorstore writes would print a traceback
+                    # each into Orbax's closed event loop while the interpreter exits.
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(1)
                 return 1
         elif command == "export":
             _export(rest)

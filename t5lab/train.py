@@ -297,8 +297,9 @@ def _train(config, workdir, program, train_ds, tok_path, mesh, is_main, progress
         flush()  # never save a state whose loss, gradients or parameters were not finite
         ckpts.save(step_now, state, _data_state(data_iter, fingerprint), force=force)
 
-    try:
-        with _StopFlag() as stop:
+    # The signal handlers stay until the final save is sealed: a late SIGTERM cannot cut it.
+    with _StopFlag() as stop:
+        try:
             step = start
             while step < end:
                 batch = global_batch(next(data_iter), program.batch_sharding)
@@ -321,20 +322,20 @@ def _train(config, workdir, program, train_ds, tok_path, mesh, is_main, progress
                 if config.checkpoint.every and step % config.checkpoint.every == 0:
                     save(step)
             save(step, force=True)
-    except RunInterrupted:
-        ckpts.close()  # the saved step must be complete (and sealed) before the exit
-        raise
-    except BaseException:
-        with contextlib.suppress(Exception):  # the error that stopped the run is the one to show
+        except RunInterrupted:
+            ckpts.close()  # the saved step must be complete (and sealed) before the exit
+            raise
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error that stopped the run is the one to show
+                ckpts.close()
+            raise
+        else:
             ckpts.close()
-        raise
-    else:
-        ckpts.close()
-    finally:
-        data_iter.close()
-        writer.close()
-    bar.message(f"done: step {step}. Checkpoint: {ckpts.root}/{step}\n"
-                f"Export to Hugging Face: t5lab export --workdir {workdir} --out {workdir}/hf")
+        finally:
+            data_iter.close()
+            writer.close()
+        bar.message(f"done: step {step}. Checkpoint: {ckpts.root}/{step}\n"
+                    f"Export to Hugging Face: t5lab export --workdir {workdir} --out {workdir}/hf")
     return last
 
 

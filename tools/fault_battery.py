@@ -46,7 +46,7 @@ class Battery:
                     "--config.train.log_every=1", "--config.train.eval_every=0",
                     "--config.checkpoint.async_save=true"]
         cache = os.path.join(base, "jax-cache")  # restarts skip recompiling
-        self.env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
+        self.env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": cache,
                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                     "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
         self.n = 0
@@ -197,8 +197,14 @@ class Battery:
             for line in a.stdout:
                 if line.startswith("step 2/"):
                     break
+            # A tiny run would finish before the second trainer has started: pause the
+            # first (it keeps its lock, as a busy trainer does) while the second starts.
+            a.send_signal(signal.SIGSTOP)
             t0 = time.time()
-            rc_b, _, err_b = self.run(wd, timeout=300)
+            try:
+                rc_b, _, err_b = self.run(wd, timeout=300)
+            finally:
+                a.send_signal(signal.SIGCONT)
             refused = rc_b == 2 and "in use by" in err_b and time.time() - t0 < 120
             if not refused:
                 print(f"    second trainer: exit {rc_b}: {err_b.strip()[-300:]}")
@@ -244,6 +250,7 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated categories to run")
     ap.add_argument("--keep-workdirs", default="", help="write workdirs here and keep them")
     args = ap.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only reads checkpoints
     random.seed(args.seed)
     base = args.keep_workdirs or tempfile.mkdtemp(prefix="t5lab-faults-")
     os.makedirs(base, exist_ok=True)
