@@ -128,38 +128,82 @@ class FileSource(_Source):
         return np.array([_stable_hash(f) for f in self.files], np.uint64)
 
 
+# Newline indexes are read in chunks of this many bytes: memory stays bounded
+# whatever the file size.
+INDEX_CHUNK = 16 << 20
+
+
+def index_cache_dir() -> str:
+    return os.environ.get("T5LAB_INDEX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "t5lab", "line-index")
+
+
+def line_index(path: str) -> np.ndarray:
+    """[2, lines] int64 start and end offsets of the file's non-empty lines,
+    built in one streamed pass and cached (keyed by path, size and mtime), then
+    memory-mapped: a restart reads no corpus byte to start."""
+    st = os.stat(path)
+    key = hashlib.blake2b(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode(),
+                          digest_size=16).hexdigest()
+    cached = os.path.join(index_cache_dir(), f"{key}.npy")
+    if os.path.isfile(cached):
+        return np.load(cached, mmap_mode="r")
+    newlines, offset = [], 0
+    with open(path, "rb") as f:
+        while chunk := f.read(INDEX_CHUNK):
+            newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + offset)
+            offset += len(chunk)
+    nl = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], nl + 1]).astype(np.int64)
+    ends = np.concatenate([nl, [offset]]).astype(np.int64)
+    keep = ends > starts
+    index = np.stack([starts[keep], ends[keep]])
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    tmp = f"{cached}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, index)
+    os.replace(tmp, cached)  # atomic: concurrent hosts never read half an index
+    return np.load(cached, mmap_mode="r")
+
+
 class LineSource(_Source):
-    """A document per non-blank line (text) or a JSON object per line (jsonl)."""
+    """A document per non-blank line (text) or a JSON object per line (jsonl).
+    Each file's line offsets come from its cached index (`line_index`)."""
 
     def __init__(self, files: list[str], name: str, text_field: str | None = None):
-        self.files, self.name, self.text_field = files, name, text_field
-        starts, ends, fids = [], [], []
-        for fid, path in enumerate(files):
-            with open(path, "rb") as f:
-                data = f.read()
-            nl = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
-            s = np.concatenate([[0], nl + 1])
-            e = np.concatenate([nl, [len(data)]])
-            keep = e - s > 0
-            if not data.strip():
+        self.name, self.text_field = name, text_field
+        self.files, self._index, counts = [], [], []
+        for path in files:
+            index = line_index(path)
+            if index.shape[1] == 0:
                 log.warning("%s: skipping empty file %s", name, path)
                 continue
-            starts.append(s[keep]), ends.append(e[keep]), fids.append(np.full(keep.sum(), fid, np.int32))
-        if not starts:
+            self.files.append(path)
+            self._index.append(index)
+            counts.append(index.shape[1])
+        if not self.files:
             raise ValueError(f"{name}: all files are empty: {files[:3]}")
-        self.starts, self.ends = np.concatenate(starts), np.concatenate(ends)
-        self.fids = np.concatenate(fids)
+        self.offsets = np.cumsum([0] + counts)
+
+    def __getstate__(self):  # workers map the cached indexes themselves
+        return {k: v for k, v in self.__dict__.items() if k != "_index"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._index = [line_index(p) for p in self.files]
 
     def __len__(self):
-        return len(self.starts)
+        return int(self.offsets[-1])
 
     def __getitem__(self, i):
-        path = self.files[self.fids[i]]
-        where = f"{path} line at byte {int(self.starts[i])}"
+        fid = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        start, end = (int(x) for x in self._index[fid][:, i - self.offsets[fid]])
+        path = self.files[fid]
+        where = f"{path} line at byte {start}"
         try:
             with open(path, "rb") as f:
-                f.seek(int(self.starts[i]))
-                raw = f.read(int(self.ends[i] - self.starts[i]))
+                f.seek(start)
+                raw = f.read(end - start)
         except OSError as e:
             return self._bad(where, f"cannot read: {e.strerror or e}")
         try:
@@ -182,7 +226,7 @@ class LineSource(_Source):
         return text
 
     def keys(self):
-        return _position_keys(self.files, self.fids)
+        return _position_keys(self.files, np.repeat(np.arange(len(self.files)), np.diff(self.offsets)))
 
 
 class ParquetSource(_Source):
