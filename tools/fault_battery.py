@@ -262,14 +262,16 @@ def main(argv=None):
     chosen = [c for c in (args.only.split(",") if args.only else categories)]
     lines, lost = [], 0
     for name in chosen:
-        print(f"  {name} ...", flush=True)
+        print(f"  {name} ...", flush=True)  # each category's line follows when it is done
         res = categories[name]()
         if res is None:
             lines.append(f"{name:10s} skipped (cannot mount a tmpfs here)")
+            print(f"  {lines[-1]}", flush=True)
             continue
         lost += res.count("lost")
         lines.append(f"{name:10s} trials {len(res):2d} / survived {res.count('survived'):2d} / "
                      f"data lost {res.count('lost'):2d}")
+        print(f"  {lines[-1]}", flush=True)
     if not args.keep_workdirs:
         shutil.rmtree(base, ignore_errors=True)
     print(f"fault battery: {args.steps} steps, checkpoint every {args.every}, "
