@@ -283,6 +283,7 @@ def _train(config, workdir, program, train_ds, tok_path, mesh, is_main, progress
         if step_done % config.train.log_every == 0 or step_done == end:
             dt = (time.time() - t_window) / len(window)
             last = _window_summary(window, names, dt, config, flops_per_step, peak)
+            last.update(_skipped(data_iter))
             writer.write(step_done, last)
             bar.update(step_done, last)
             window, t_window = [], time.time()
@@ -355,6 +356,18 @@ def evaluate(config, program, params, tok_path: str, names) -> dict:
         if total["den_weight"][i] > 0:
             out[f"eval/loss_{name}"] = float(total["den_ce"][i] / total["den_weight"][i])
     return out
+
+
+def _skipped(data_iter) -> dict:
+    """Documents skipped since this start, by reason, summed over every process
+    and its workers (read at log steps only: a host sync)."""
+    from t5lab.data import sources
+    counts = np.array([data_iter.skipped[r] for r in sources.SKIP_METRICS], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        counts = np.asarray(multihost_utils.process_allgather(counts.astype(np.int32))).reshape(
+            -1, len(counts)).sum(0)
+    return {name: int(n) for name, n in zip(sources.SKIP_METRICS.values(), counts)}
 
 
 def _window_summary(window, names, step_s, config, flops_per_step, peak) -> dict:

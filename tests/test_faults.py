@@ -203,3 +203,19 @@ def test_a_full_disk_is_one_error_and_the_previous_checkpoint_restores(at4, smal
     os.remove(small_disk / "filler")
     params = checkpointing.restore_params(wd, step=4)
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def test_skipped_documents_reach_the_metrics_from_the_workers(tmp_path):
+    """Every 5th line of the corpus is not UTF-8: the workers' skip counts are the
+    trainer's, the same as without workers."""
+    lines = [f"line {i} of a small corpus about rivers, stones and {i % 7} birds".encode() for i in range(3000)]
+    lines = [b"\xff\xfe broken " + l if i % 5 == 0 else l for i, l in enumerate(lines)]
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(b"\n".join(lines) + b"\n")
+    got = []
+    for workers in (0, 2):
+        wd = str(tmp_path / f"w{workers}")
+        train.run(tiny("train.stop_at_step=2", "data.source=text", f"data.paths={corpus}",
+                       f"data.num_workers={workers}"), wd, progress=False)
+        got.append([(r["step"], r["skipped_unreadable"]) for r in rows(wd) if "loss" in r])
+    assert got[0] == got[1] and got[0][-1][1] > 0

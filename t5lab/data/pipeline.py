@@ -273,13 +273,13 @@ class _LaneBlocks:
             if doc is None:
                 continue  # unreadable: counted by its source, naming the file
             if not doc or doc.isspace():
-                sources.SKIPS.add("empty documents", 1, f"lane {lane} document {start + n - 1}")
+                sources.SKIPS.add(sources.EMPTY, 1, f"lane {lane} document {start + n - 1}")
                 continue
             texts.append(doc)
             chars += len(doc)
         rng = np.random.default_rng([self.seed, self.split, lane, start])
         examples, short = self.objective(self._tok.encode_batch(texts), rng) if texts else ([], 0)
-        sources.SKIPS.add("pieces too short for the objective", short, f"lane {lane} document {start}")
+        sources.SKIPS.add(sources.SHORT, short, f"lane {lane} document {start}")
         rows = None
         if examples:
             rows = packing.pack(examples, self.arch, *self.lengths, packed=self.pack)

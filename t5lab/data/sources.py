@@ -51,8 +51,12 @@ class SkipCounter:
                         f" (latest: {where})" if where else "")
 
 
-# One per process: grain worker processes count and report their own skips.
+# One per process: worker processes count their own; the blocks they build carry
+# their counts back to the trainer (pipeline.StreamIterator.skipped).
 SKIPS = SkipCounter()
+# Why documents are skipped, with the metric each is logged as (summed over hosts).
+UNREADABLE, EMPTY, SHORT = "unreadable documents", "empty documents", "pieces too short for the objective"
+SKIP_METRICS = {UNREADABLE: "skipped_unreadable", EMPTY: "skipped_empty", SHORT: "skipped_too_short"}
 
 
 def _stable_hash(s: str) -> int:
@@ -99,7 +103,7 @@ class _Source:
         raise NotImplementedError
 
     def _bad(self, where: str, why: str):
-        SKIPS.add("unreadable documents", where=f"{self.name}: {where}: {why}")
+        SKIPS.add(UNREADABLE, where=f"{self.name}: {where}: {why}")
         return None
 
 
