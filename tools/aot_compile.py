@@ -1,4 +1,4 @@
-"""Plan a TPU run from a CPU machine: compile t5lab's real train step for a TPU
+r"""Plan a TPU run from a CPU machine: compile t5lab's real train step for a TPU
 slice with libtpu's compile-only devices and report, per chip, what it costs.
 
     python tools/aot_compile.py --config configs/t5_1_1.py:xl --topology v5p:4x4x4 \
@@ -38,6 +38,30 @@ import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# --help prints this, then the docstring: the arguments are t5lab's own
+# (config.parse_args, as `t5lab train` takes them), so argparse cannot list them.
+OPTIONS = """\
+usage: python tools/aot_compile.py --config FILE.py[:preset] --topology GEN:DIMS [--mesh AXIS=N,...]
+           [--search] [--json FILE] [--config.KEY=VALUE ...]
+       python tools/aot_compile.py --rank FILE
+
+options:
+  --config FILE.py[:preset]  the run to plan: a config file and preset (configs/*.py)
+  --config.KEY=VALUE         override one config key (schema: t5lab/config.py)
+  --topology GEN:DIMS        the TPU slice: v4:AxBxC, v5e:AxB, v5p:AxBxC or v6e:AxB
+  --mesh AXIS=N,...          config.mesh for the compile, axes data, fsdp, tensor (left out: 1;
+                             one may be -1); with --search, the axes that stay fixed
+  --search                   compile every sensible mesh that can fit and rank them
+  --json FILE                append each compiled mesh's row to FILE (JSON lines)
+  --rank FILE                rank the rows of earlier --json runs, per topology and config
+  -h, --help                 this help
+
+exit status: 0 planned; 2 bad input (one line)
+
+example:
+  python tools/aot_compile.py --config configs/t5_1_1.py:xl --topology v5p:4x4x4 --search --json plans.jsonl
+"""
 
 INSTALL = 'pip install -e ".[tpu-plan]"'
 GIB = 1024 ** 3
@@ -386,7 +410,7 @@ def rank_file(path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        print(OPTIONS + "\n" + __doc__, end="")
         return 0
     if argv[:1] == ["--rank"] or (argv and argv[0].startswith("--rank=")):
         try:
@@ -402,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         config, flags = config_lib.parse_args(argv)
         unknown = set(flags) - {"topology", "mesh", "json"}
         if unknown or "topology" not in flags:
-            raise PlanError(f"usage: {__doc__.splitlines()[3].strip()}" if "topology" not in flags
+            raise PlanError(OPTIONS.splitlines()[0] if "topology" not in flags
                             else f"unknown flag --{sorted(unknown)[0]}")
         _, chip, chips = parse_topology(flags["topology"])
         setup_env(chip, chips)

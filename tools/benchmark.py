@@ -1,4 +1,4 @@
-"""Measure t5lab's train step (and its data pipeline and checkpoints) on this machine.
+r"""Measure t5lab's train step (and its data pipeline and checkpoints) on this machine.
 
     python tools/benchmark.py --config configs/t5_1_1.py:small --batch 16 --inputs 256 \
         --targets 64 --steps 5 [--json] [--config.KEY=VALUE ...]
@@ -33,11 +33,15 @@ import numpy as np
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/t5_1_1.py:small")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--inputs", type=int, default=256)
-    p.add_argument("--targets", type=int, default=64)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="--config.KEY=VALUE overrides one config key (schema: t5lab/config.py).\n\n"
+               "example:\n  python tools/benchmark.py --config configs/t5_1_1.py:tiny --batch 8 --inputs 128 "
+               "--targets 32 --steps 3 --skip-extras")
+    p.add_argument("--config", default="configs/t5_1_1.py:small", help="FILE.py[:preset] (configs/*.py)")
+    p.add_argument("--batch", type=int, default=16, help="rows per step")
+    p.add_argument("--inputs", type=int, default=256, help="encoder tokens per row")
+    p.add_argument("--targets", type=int, default=64, help="decoder tokens per row")
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     p.add_argument("--devices", type=int, default=1, help="simulated CPU devices (data parallel)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")

@@ -1,4 +1,4 @@
-"""Export a t5lab model as a Hugging Face transformers directory.
+r"""Export a t5lab model as a Hugging Face transformers directory.
 
     python tools/convert_to_hf.py --config configs/t5_1_1.py:small --checkpoint runs/small --out hf/small \
         [--spm tokenizer.model] [--config.model.vocab_size=32128 ...]
@@ -14,7 +14,10 @@ import sys
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="--config.KEY=VALUE overrides one config key (schema: t5lab/config.py).\n\n"
+               "example:\n  python tools/convert_to_hf.py --config configs/t5_1_1.py:tiny --random-init --out hf/tiny")
     ap.add_argument("--config", required=True, help="configs/x.py[:preset]")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="t5lab checkpoint (workdir or step folder)")

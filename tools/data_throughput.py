@@ -15,21 +15,22 @@ import time
 
 import numpy as np
 
-from t5lab.config import schema
-from t5lab.data import packing, pipeline, tokenizer
-
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", default="encoder_decoder")
-    ap.add_argument("--objective", default="ul2")
-    ap.add_argument("--inputs_length", type=int, default=512)
-    ap.add_argument("--targets_length", type=int, default=512)
-    ap.add_argument("--batch_size", type=int, default=32)
-    ap.add_argument("--vocab_size", type=int, default=2048)
-    ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--cores", type=int, default=1)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python tools/data_throughput.py --objective span_corruption --seconds 5 --cores 2")
+    ap.add_argument("--arch", default="encoder_decoder", help="config.model.arch (default encoder_decoder)")
+    ap.add_argument("--objective", default="ul2", help="config.data.objective (default ul2)")
+    ap.add_argument("--inputs_length", type=int, default=512, help="config.data.inputs_length (default 512)")
+    ap.add_argument("--targets_length", type=int, default=512, help="config.data.targets_length (default 512)")
+    ap.add_argument("--batch_size", type=int, default=32, help="config.train.batch_size (default 32)")
+    ap.add_argument("--vocab_size", type=int, default=2048, help="config.model.vocab_size (default 2048)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="how long to count (default 20)")
+    ap.add_argument("--cores", type=int, default=1, help="CPUs to pin the process to (default 1)")
     args = ap.parse_args()
+    from t5lab.config import schema  # after the arguments: --help needs no JAX
+    from t5lab.data import packing, pipeline, tokenizer
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cores])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -10,13 +10,17 @@ rest, and `stream_bandwidth` measures what one elementwise pass moves per
 second here, so rest / bandwidth estimates that work's time at memory speed.
 It is an estimate, not a bound: XLA counts a gather's or broadcast's whole
 operand, and tensors that stay in cache move faster than the stream.
-Used by tools/benchmark.py --dot-floor.
+Used by tools/benchmark.py --dot-floor; run alone, it times the dots of one
+optimised HLO module saved as text (e.g. XLA's --xla_dump_to files).
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import math
+import os
 import re
+import sys
 import time
 
 _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
@@ -106,3 +110,32 @@ def floor(hlo_text: str, compiler_options=None, reps: int = 5) -> dict:
         seconds += best * count
         flops += dot_flops(lhs, rhs, dn) * count
     return {"dots": sum(found.values()), "seconds": seconds, "flops": flops}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: the floor of a tiny T5's train step, from XLA's dump of its compile:\n"
+               "  XLA_FLAGS=--xla_dump_to=/tmp/hlo python tools/benchmark.py --config configs/t5_1_1.py:tiny \\\n"
+               "      --compile-only --skip-extras\n"
+               "  python tools/dot_floor.py /tmp/hlo/module_*.jit_train_step.cpu_after_optimizations.txt")
+    ap.add_argument("hlo", help="an optimised HLO module as text (compiled.as_text(), or XLA's "
+                                "*after_optimizations.txt dump)")
+    ap.add_argument("--reps", type=int, default=5, help="timings of each dot; the best counts (default 5)")
+    args = ap.parse_args(argv)
+    try:
+        with open(args.hlo) as f:
+            hlo = f.read()
+    except OSError as e:
+        ap.error(f"{args.hlo}: {e.strerror}")
+    if not dots(hlo):
+        ap.error(f"{args.hlo}: no dot instructions (not an optimised HLO module?)")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # as tools/benchmark.py, whose steps it times
+    f = floor(hlo, reps=args.reps)
+    print(f"{f['dots']} dots, {f['flops'] / 1e9:.4g} GFLOP in {f['seconds'] * 1e3:.4g} ms "
+          f"({f['flops'] / f['seconds'] / 1e9:.4g} GFLOP/s); they move {dot_bytes(hlo) / 2**20:.4g} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -243,9 +243,9 @@ def main(argv=None):
                                  epilog="example: python tools/fault_battery.py --trials 8",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=4, help="trials per random category (default 4)")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=60, help="train.steps of each run (default 60)")
     ap.add_argument("--every", type=int, default=10, help="checkpoint.every")
-    ap.add_argument("--config", default="configs/t5_1_1.py:tiny")
+    ap.add_argument("--config", default="configs/t5_1_1.py:tiny", help="FILE.py[:preset] of the runs")
     ap.add_argument("--seed", type=int, default=0, help="seeds the random kill moments")
     ap.add_argument("--only", default="", help="comma-separated categories to run")
     ap.add_argument("--keep-workdirs", default="", help="write workdirs here and keep them")

@@ -70,11 +70,12 @@ COLUMNS = ("step_s", "tokens_per_s", "flops_per_step", "mfu", "compile_s", "comp
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="seq,size,scan,remat")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--seq-batch", type=int, default=4)
-    p.add_argument("--json", action="store_true")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example: python tools/scale_bench.py --only size --steps 3 --json")
+    p.add_argument("--only", default="seq,size,scan,remat", help="comma-separated studies to run (default all)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per point (default 2)")
+    p.add_argument("--seq-batch", type=int, default=4, help="rows per step in the seq study (default 4)")
+    p.add_argument("--json", action="store_true", help="a JSON line per point instead of tables")
     a = p.parse_args()
     a.only = set(a.only.split(","))
     current = None

@@ -127,12 +127,14 @@ def time_update(tx, shapes, steps, memory_shapes):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=128)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python tools/soap_vs_adamw.py --steps 100 --lrs 1e-2 --t5-steps 0")
+    ap.add_argument("--steps", type=int, default=300, help="MLP training steps per run (default 300)")
+    ap.add_argument("--batch", type=int, default=128, help="MLP batch size (default 128)")
     ap.add_argument("--lrs", default="3e-3,1e-2,3e-2", help="comma-separated sweep, same for both")
     ap.add_argument("--target", type=float, default=0.8, help="held-out cross-entropy to reach")
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=10, help="steps between held-out losses (default 10)")
     ap.add_argument("--t5-steps", type=int, default=3, help="timed T5-small updates (0 skips)")
     ap.add_argument("--t5-layers", type=int, default=1,
                     help="layers per stack in the timed pytree (8 is T5-small; memory always uses 8)")

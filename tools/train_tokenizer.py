@@ -1,4 +1,4 @@
-"""Train a T5-style SentencePiece tokenizer on any configured source.
+r"""Train a T5-style SentencePiece tokenizer on any configured source.
 
     python tools/train_tokenizer.py --config configs/ul2.py:small --out spm.model \
         [--vocab_size 32128] [--max_docs 200000] [--max_chars 200000000] [--config.KEY=VALUE ...]
@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import argparse
 
-from t5lab import config as config_lib
-from t5lab.data import pipeline, tokenizer
-
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="--config.KEY=VALUE overrides one config key (schema: t5lab/config.py).\n\n"
+               "example:\n  python tools/train_tokenizer.py --config configs/ul2.py:tiny --out /tmp/spm.model "
+               "--max_docs 200")
     ap.add_argument("--config", default=None, help="path.py[:arg]; default: the schema")
     ap.add_argument("--out", required=True, help="output .model path")
     ap.add_argument("--vocab_size", type=int, default=0, help="default: config.model.vocab_size")
-    ap.add_argument("--max_docs", type=int, default=200_000)
-    ap.add_argument("--max_chars", type=int, default=200_000_000)
+    ap.add_argument("--max_docs", type=int, default=200_000, help="documents to read at most (default 200000)")
+    ap.add_argument("--max_chars", type=int, default=200_000_000,
+                    help="characters to read at most (default 200000000)")
     args, rest = ap.parse_known_args()
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
         ap.error(f"unrecognised arguments: {' '.join(bad)} (config overrides are --config.KEY=VALUE)")
+    from t5lab import config as config_lib  # after the arguments: --help needs no JAX
+    from t5lab.data import pipeline, tokenizer
     cfg = config_lib.load(args.config, [a[len("--config."):] for a in rest])
     pipeline.validate(cfg)
     docs = pipeline.documents(cfg, "train", repeat=False)  # one epoch, shuffled from the seed
