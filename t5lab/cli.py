@@ -7,6 +7,8 @@ commands:
             t5lab train [--config FILE.py[:preset]] [--workdir DIR] [--config.KEY=VALUE ...]
   export  write a run's model as a Hugging Face transformers directory:
             t5lab export --workdir DIR [--out DIR] [--step N]
+  prepare tokenize a corpus once into shards that training reads in seconds:
+            t5lab prepare [--config FILE.py[:preset]] [--config.data.KEY=VALUE ...] --out DIR
 
 Exit status: 0 done; 2 bad input (one line naming the key or file, nothing
 written); 1 the run failed (non-finite values, a save that failed, data that
@@ -75,7 +77,70 @@ example:
   t5lab export --workdir runs/tiny --out hf/tiny
 """
 
-COMMANDS = {"train": TRAIN_USAGE, "export": EXPORT_USAGE}
+PREPARE_USAGE = """\
+usage: t5lab prepare --out DIR [--config FILE.py[:preset]] [--config.data.KEY=VALUE ...]
+                     [--workers N] [--shards N] [--chunk_tokens N] [--shard I --num_shards M]
+       t5lab prepare --merge --out DIR
+
+Tokenize the configured source (text, JSONL, Parquet, TFDS, HF, the embedded
+corpus) once with the run's tokenizer (config.data.tokenizer, or the default)
+into ArrayRecord shards of token chunks and a manifest. Train on it with
+--config.data.source=prepared --config.data.paths=DIR (DIR local or gs://).
+Killed, the same command resumes without redoing finished shards.
+
+options:
+  --out DIR           where to write: a local folder or a URL (gs://bucket/corpus)
+  --config ...        as for `t5lab train`; the data keys and model.vocab_size matter
+  --workers N         processes tokenizing in parallel (default: every core)
+  --shards N          tasks the documents are cut into (default max(16, documents/200k))
+  --chunk_tokens N    tokens per record, the unit of the global shuffle (default 4096)
+  --shard I --num_shards M
+                      run only tasks I, I+M, I+2M, ... (machine I of M, one --out);
+                      the machine that finishes last writes the manifest
+  --merge             write the manifest from the finished tasks in DIR
+                      (after copying every machine's files into one DIR)
+  --debug             show the traceback of an error instead of its one line
+  -h, --help          this help
+
+exit status: 0 written (or this machine's part done); 2 bad input (one line).
+
+example:
+  t5lab prepare --config.data.source=jsonl --config.data.paths='corpus/*.jsonl' --out prepared/corpus
+  t5lab train --config configs/ul2.py:tiny --config.data.source=prepared --config.data.paths=prepared/corpus
+"""
+
+COMMANDS = {"train": TRAIN_USAGE, "export": EXPORT_USAGE, "prepare": PREPARE_USAGE}
+
+
+def _prepare(argv: list[str], merge: bool) -> None:
+    from t5lab import config as config_lib
+    from t5lab.data import prepare, tokenizer
+    config, flags = config_lib.parse_args(argv)
+    ints = ("workers", "shards", "shard", "num_shards", "chunk_tokens")
+    unknown = set(flags) - {"out", *ints}
+    if unknown or "out" not in flags:
+        raise config_lib.ConfigError(f"--{sorted(unknown)[0]}: unknown option" if unknown
+                                     else PREPARE_USAGE.splitlines()[0])
+    args = {}
+    for k in ints:
+        if k in flags:
+            try:
+                args[k] = int(flags[k])
+            except ValueError:
+                raise config_lib.ConfigError(f"--{k}: {flags[k]!r} is not an integer") from None
+    if merge:
+        m = prepare.merge(flags["out"])
+    else:
+        args.setdefault("workers", len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                        else os.cpu_count() or 1)
+        m = prepare.prepare(config, flags["out"], tok_path=tokenizer.resolve(config), **args)
+    if m is None:
+        print(f"prepare: this machine's tasks are done; the manifest is written when all are")
+        return
+    t = m["splits"]["train"]
+    print(f"wrote {flags['out']}: {t['documents']:,} train documents, {t['tokens']:,} tokens, "
+          f"{t['records']:,} chunks; skipped {m['skipped'] or 'none'}; train with "
+          f"--config.data.source=prepared --config.data.paths={flags['out']}")
 
 
 def _export(argv: list[str]) -> None:
@@ -159,6 +224,14 @@ def main(argv: list[str] | None = None) -> int:
                     sys.stderr.flush()
                     os._exit(1)
                 return 1
+        elif command == "prepare":
+            try:
+                _prepare([a for a in rest if a != "--merge"], "--merge" in rest)
+            except (ValueError, KeyError) as e:  # the source or the output refused the input
+                if debug:
+                    raise
+                print(f"t5lab: error: {str(e).strip(chr(39))}", file=sys.stderr)
+                return 2
         else:
             _export(rest)
     except (config_lib.ConfigError, checkpointing.CheckpointMismatch, checkpointing.DamagedCheckpoint,

@@ -54,7 +54,7 @@ def schema() -> ml_collections.ConfigDict:
 
     # ----------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
-    d.source = "embedded"        # embedded | text | jsonl | parquet | tfds | mixture
+    d.source = "embedded"        # embedded | text | jsonl | parquet | tfds | hf | prepared | mixture
     d.paths = ""                 # glob(s) for text/jsonl/parquet, comma separated
     d.text_field = "text"        # field holding the text in JSONL/Parquet rows
     d.doc_per = "line"           # text files: a document per "line" or per "file"

@@ -13,7 +13,7 @@ from t5lab import config as config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tools", "*.py")))
 ENTRY_POINTS = ([["-m", "t5lab.cli"], ["-m", "t5lab.cli", "train"], ["-m", "t5lab.cli", "export"],
-                 ["-m", "t5lab.train"]] + [[tool] for tool in TOOLS])
+                 ["-m", "t5lab.cli", "prepare"], ["-m", "t5lab.train"]] + [[tool] for tool in TOOLS])
 
 
 def run(*args):

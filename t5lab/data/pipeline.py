@@ -35,20 +35,25 @@ import sys
 import grain
 import numpy as np
 
-from t5lab.data import denoising, packing, sources
-from t5lab.data.tokenizer import Tokenizer
+from t5lab.data import denoising, packing, prepared, sources
+from t5lab.data.tokenizer import Tokenizer, split_long
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval")
 # Bump when the definition of the stream changes: checkpoints of another
 # version then refuse to resume (the fingerprint names it).
-STREAM_VERSION = 2
+STREAM_VERSION = 3
 # A block: the lane's next documents until their text reaches about this many
 # characters per token of a row (~8 rows at ~4 characters a token), at most
 # MAX_BLOCK_DOCS documents. Larger blocks waste less in their partly filled
 # last row; smaller ones cost less memory and start-up time per lane.
 BLOCK_CHARS_PER_ROW_TOKEN = 32
+CHARS_PER_TOKEN = 4  # what a prepared token counts for in that budget
+# A document longer than this is a block of its own per part of this many
+# characters (cut between words): a block's rows, and so its memory, stay
+# bounded whatever the document lengths.
+MAX_PART_CHARS = 1 << 20
 MAX_BLOCK_DOCS = 256
 # Consecutive documents of one lane that give no row before the stream stops
 # with the latest reason: a source of nothing but bad documents never hangs.
@@ -68,7 +73,7 @@ def validate(config, process_count: int = 1):
     """Checks the data keys (and the batch split) before any work starts."""
     d, arch = config.data, config.model.arch
     _key("source", d.source in sources.KINDS, f"{d.source!r} is not one of {sources.KINDS}")
-    if d.source in ("text", "jsonl", "parquet"):
+    if d.source in ("text", "jsonl", "parquet", "hf", "prepared"):
         _key("paths", bool(d.paths.strip()), f"source {d.source!r} needs paths (comma-separated globs)")
     _key("doc_per", d.doc_per in ("line", "file"), f"{d.doc_per!r} is not 'line' or 'file'")
     if d.source == "tfds":
@@ -157,10 +162,11 @@ def _sequence(config, split, srcs, repeat: bool) -> grain.MapDataset:
     d = config.data
     parts = []
     for n, src in enumerate(srcs):
-        ds = grain.MapDataset.source(src)
         if split == "train":
-            ds = ds.shuffle(seed=(d.seed * 1_000_003 + n) % 2**32)  # reseeded per epoch by repeat()
-        parts.append(ds.repeat() if repeat else ds)
+            parts.append(sources.shuffled(src, (d.seed * 1_000_003 + n) % 2**32, repeat))
+        else:
+            ds = grain.MapDataset.source(src)
+            parts.append(ds.repeat() if repeat else ds)
     if len(parts) == 1:
         return parts[0]
     return grain.MapDataset.mix(parts, [w for _, _, w in _items(config)])
@@ -175,7 +181,7 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def _describe(kind: str, arg: str, data, src) -> dict:
+def describe_source(kind: str, arg: str, data, src) -> dict:
     """What identifies one source's documents: its files' names, sizes and
     modification times, or the TFDS name, version and split."""
     if kind == "embedded":
@@ -183,19 +189,23 @@ def _describe(kind: str, arg: str, data, src) -> dict:
         root = sources.embedded_root()
         size = sum(os.path.getsize(os.path.join(root, f)) for f in files)
         return {"kind": kind, "python": "%d.%d" % sys.version_info[:2], "files": len(files), "bytes": size}
+    if kind == "prepared":
+        return {"kind": kind, "dir": src.path, "manifest sha256": prepared.manifest_digest(src.path)}
     if kind == "tfds":
         inner = getattr(getattr(src, "source", src), "_ds", None)
         version = str(inner.dataset_info.version) if inner is not None else ""
         return {"kind": kind, "name": arg.split(":")[0], "version": version,
                 "split": getattr(getattr(src, "source", src), "split", "")}
     out = {"kind": kind}
-    if kind in ("jsonl", "parquet"):
+    if kind in ("jsonl", "parquet", "hf"):
         out["text_field"] = data.text_field
     if kind == "text":
         out["doc_per"] = data.doc_per
-    for f in sources.expand_globs(arg, "config.data.paths" if arg == data.paths else "config.data.mixture"):
-        st = os.stat(f)
-        out[f"file {os.path.abspath(f)}"] = f"{st.st_size} bytes, modified {st.st_mtime_ns}"
+    key = "config.data.paths" if arg == data.paths else "config.data.mixture"
+    files = sources.hf_arrow_files(arg, data.train_split, key)[0] if kind == "hf" else \
+        sources.expand_globs(arg, key)
+    for f in files:
+        out[f"file {f if sources.is_url(f) else os.path.abspath(f)}"] = sources.file_identity(f)
     return out
 
 
@@ -215,9 +225,9 @@ def fingerprint(config, tokenizer_path: str, opened=None) -> dict:
         fp["data.mlm_probability"] = d.mlm_probability
     opened = opened if opened is not None else _open(config, "train")
     for n, (kind, arg, w, src) in enumerate(opened):
-        if kind != "tfds":
+        if kind not in ("tfds", "prepared"):
             fp["data.eval_fraction"] = d.eval_fraction
-        for k, v in _describe(kind, arg, d, src).items():
+        for k, v in describe_source(kind, arg, d, src).items():
             fp[f"source {n} {k}"] = v
         if len(opened) > 1:
             fp[f"source {n} weight"] = w
@@ -238,6 +248,7 @@ def fingerprint_difference(saved: dict, current: dict) -> str | None:
 class Block:
     rows: dict | None       # feature -> [n, length], None when the block gave no row
     next_start: int         # the lane's document index after this block
+    next_part: int          # and the part of it (a long document is read in parts)
     docs: int               # documents read
     skips: dict             # reason -> count, for this block
     latest_skip: str        # the latest skipped document's file and reason
@@ -262,23 +273,44 @@ class _LaneBlocks:
     def __getstate__(self):  # workers reload the tokenizer from its path
         return {k: v for k, v in self.__dict__.items() if k != "_tok"} | {"_tok": None}
 
-    def __call__(self, lane: int, start: int) -> Block:
+    def __call__(self, lane: int, start: int, part: int = 0) -> Block:
         if self._tok is None:
             self._tok = Tokenizer(self.tokenizer_path)
         before = dict(sources.SKIPS.counts)
-        texts, n, chars = [], 0, 0
+        items, n, chars, next_part = [], 0, 0, 0  # texts, or chunks of prepared token ids
         while n < MAX_BLOCK_DOCS and chars < self.chars:
             doc = self.docs[(start + n) * self.lanes + lane]
             n += 1
             if doc is None:
                 continue  # unreadable: counted by its source, naming the file
+            if isinstance(doc, prepared.Chunk):
+                items.append(doc)
+                chars += CHARS_PER_TOKEN * doc.num_tokens
+                continue
             if not doc or doc.isspace():
                 sources.SKIPS.add(sources.EMPTY, 1, f"lane {lane} document {start + n - 1}")
                 continue
-            texts.append(doc)
+            if len(doc) > MAX_PART_CHARS:
+                if items:  # the long document starts the next block
+                    n -= 1
+                    break
+                parts = split_long(doc, MAX_PART_CHARS, self._tok.dummy_prefix)
+                items.append(parts[part])
+                if part + 1 < len(parts):
+                    n, next_part = 0, part + 1
+                break
+            items.append(doc)
             chars += len(doc)
-        rng = np.random.default_rng([self.seed, self.split, lane, start])
-        examples, short = self.objective(self._tok.encode_batch(texts), rng) if texts else ([], 0)
+        texts = [x for x in items if isinstance(x, str)]
+        encoded = iter(self._tok.encode_batch(texts) if texts else ())
+        tokens = []
+        for x in items:  # in stream order
+            if isinstance(x, str):
+                tokens.append(next(encoded))
+            else:
+                tokens.extend(x)
+        rng = np.random.default_rng([self.seed, self.split, lane, start, part])
+        examples, short = self.objective(tokens, rng) if tokens else ([], 0)
         sources.SKIPS.add(sources.SHORT, short, f"lane {lane} document {start}")
         rows = None
         if examples:
@@ -286,7 +318,7 @@ class _LaneBlocks:
             order = rng.permutation(len(next(iter(rows.values()))))  # mix rows across documents
             rows = {k: v[order] for k, v in rows.items()}
         skips = {k: v - before.get(k, 0) for k, v in sources.SKIPS.counts.items() if v != before.get(k, 0)}
-        return Block(rows, start + n, n, skips, sources.SKIPS.latest if skips else "")
+        return Block(rows, start + n, next_part, max(n, 1), skips, sources.SKIPS.latest if skips else "")
 
 
 _WORKER_BLOCKS = None
@@ -297,8 +329,8 @@ def _worker_init(blocks):
     _WORKER_BLOCKS = blocks
 
 
-def _worker_block(lane, start):
-    return _WORKER_BLOCKS(lane, start)
+def _worker_block(lane, start, part):
+    return _WORKER_BLOCKS(lane, start, part)
 
 
 # ------------------------------------------------------------------ the stream
@@ -319,7 +351,7 @@ class StreamIterator:
 
     def __init__(self, stream: Stream):
         self._fn, self.lanes = stream.blocks, list(stream.lanes)
-        self._pos = {lane: [0, 0] for lane in self.lanes}   # block start, rows taken
+        self._pos = {lane: [0, 0, 0] for lane in self.lanes}   # block start, rows taken, part
         self._unusable = {lane: 0 for lane in self.lanes}
         self._cur, self._next = {}, {}
         self.skipped = collections.Counter()                 # this process's skips, by reason
@@ -336,7 +368,7 @@ class StreamIterator:
         return self
 
     def get_state(self) -> dict:
-        """{"lanes": {lane: [block start, rows taken]}} for this process's lanes."""
+        """{"lanes": {lane: [block start, rows taken, part]}} for this process's lanes."""
         return {"lanes": {str(lane): list(self._pos[lane]) for lane in self.lanes}}
 
     def set_state(self, state: dict) -> None:
@@ -347,24 +379,25 @@ class StreamIterator:
         for f in self._next.values():
             f.cancel()
         self._cur, self._next = {}, {}
-        self._pos = {lane: [int(x) for x in lanes[str(lane)]] for lane in self.lanes}
+        self._pos = {lane: [int(x) for x in lanes[str(lane)]] + [0] * (3 - len(lanes[str(lane)]))
+                     for lane in self.lanes}
 
-    def _submit(self, lane: int, start: int):
-        self._next[lane] = (start, self._pool.submit(self._call, lane, start))
+    def _submit(self, lane: int, start: int, part: int):
+        self._next[lane] = ((start, part), self._pool.submit(self._call, lane, start, part))
 
     def _advance(self, lane: int) -> Block:
         """The lane's current block, fetching (and prefetching) as needed."""
-        start, taken = self._pos[lane]
+        start, taken, part = self._pos[lane]
         blk = self._cur.get(lane)
         while blk is None or taken >= blk.num_rows:
             if blk is not None:
-                start, taken = blk.next_start, 0
-            if lane not in self._next or self._next[lane][0] != start:
-                self._submit(lane, start)
+                start, taken, part = blk.next_start, 0, blk.next_part
+            if lane not in self._next or self._next[lane][0] != (start, part):
+                self._submit(lane, start, part)
             blk = self._next.pop(lane)[1].result()
             self._account(lane, blk)
-            self._submit(lane, blk.next_start)
-            self._pos[lane] = [start, taken]
+            self._submit(lane, blk.next_start, blk.next_part)
+            self._pos[lane] = [start, taken, part]
         self._cur[lane] = blk
         return blk
 
@@ -381,7 +414,7 @@ class StreamIterator:
     def __next__(self) -> dict:
         for lane in self.lanes:  # every lane's first block in flight at once
             if lane not in self._cur and lane not in self._next:
-                self._submit(lane, self._pos[lane][0])
+                self._submit(lane, self._pos[lane][0], self._pos[lane][2])
         rows = []
         for lane in self.lanes:
             blk = self._advance(lane)
@@ -392,6 +425,23 @@ class StreamIterator:
 
     def close(self):
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def check_prepared(config, opened, tokenizer_path: str) -> None:
+    """Prepared sources were tokenized and split once: the run must use the
+    same tokenizer and eval fraction, or it would train on other data."""
+    digest = None
+    for kind, _, _, src in opened:
+        if kind != "prepared":
+            continue
+        digest = digest or file_digest(tokenizer_path)
+        m = src.manifest
+        if m["tokenizer sha256"] != digest:
+            raise ValueError(f"config.data.tokenizer: {tokenizer_path} is not the tokenizer {src.path} "
+                             f"was prepared with ({prepared.TOKENIZER} there); leave the key out to use it")
+        if m["eval_fraction"] is not None and m["eval_fraction"] != config.data.eval_fraction:
+            raise ValueError(f"config.data.eval_fraction: {config.data.eval_fraction} but {src.path} was "
+                             f"prepared with {m['eval_fraction']}; set it to that or prepare again")
 
 
 def process_lanes(batch_size: int, process_index: int, process_count: int) -> range:
@@ -412,6 +462,7 @@ def make_dataset(config, split: str = "train", *, tokenizer_path: str, process_i
     tok = Tokenizer(tokenizer_path)
     objective = make_objective(config, tok)
     opened = _open(config, split)
+    check_prepared(config, opened, tokenizer_path)
     docs = _sequence(config, split, [src for *_, src in opened], repeat=True)
     fp = fingerprint(config, tokenizer_path, opened) if split == "train" else None
     blocks = _LaneBlocks(config, docs, tokenizer_path, objective, split)
@@ -423,13 +474,13 @@ def probe(stream: Stream) -> None:
     """Builds the first block of the process's first lane: a corpus that gives
     no row fails here, before the run writes anything."""
     lane = stream.lanes[0]
-    start, unusable = 0, 0
+    start, part, unusable = 0, 0, 0
     while True:
-        blk = stream.blocks(lane, start)
+        blk = stream.blocks(lane, start, part)
         if blk.num_rows:
             return
         unusable += blk.docs
         if unusable >= MAX_UNUSABLE_DOCS:
             raise DataError(f"data: no usable document in the first {unusable} documents of lane {lane}; "
                             f"latest skipped: {blk.latest_skip or 'empty documents'}")
-        start = blk.next_start
+        start, part = blk.next_start, blk.next_part

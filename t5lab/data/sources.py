@@ -1,4 +1,5 @@
-"""Random-access document sources: embedded corpus, text, JSONL, Parquet, TFDS.
+"""Random-access document sources: embedded corpus, text, JSONL, Parquet, TFDS,
+Hugging Face datasets on disk (Arrow files).
 
 Every source is a picklable sequence of documents: str ("" for a null value,
 skipped and counted as empty by the pipeline), or None for a document that
@@ -7,12 +8,14 @@ grain shuffle globally, shard by process and resume from an index.
 
 Mixture spec (config.data.mixture), comma separated `kind:arg=weight` items:
     "embedded=1,text:/data/law/*.txt=3,jsonl:/data/web/*.jsonl=1,tfds:c4/en:3.1.0=2"
-text/jsonl/parquet items share config.data.text_field / doc_per; tfds items
+text/jsonl/parquet/hf items share config.data.text_field / doc_per; tfds items
 use config.data.tfds_data_dir. Weights must be >= 0 with a positive sum.
+Text, JSONL and Parquet paths may be fsspec URLs (gs://bucket/dir/*.jsonl).
 """
 from __future__ import annotations
 
 import collections
+import datetime
 import functools
 import glob
 import hashlib
@@ -20,13 +23,14 @@ import json
 import logging
 import math
 import os
+import sys
 import sysconfig
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-KINDS = ("embedded", "text", "jsonl", "parquet", "tfds", "mixture")
+KINDS = ("embedded", "text", "jsonl", "parquet", "tfds", "hf", "prepared", "mixture")
 # Parts of the standard library that are not prose or idiomatic code.
 _EMBEDDED_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
@@ -106,6 +110,78 @@ class _Source:
         SKIPS.add(UNREADABLE, where=f"{self.name}: {where}: {why}")
         return None
 
+    def _cell(self, value, where: str):
+        """A table cell as a document: null is empty, a non-string unreadable."""
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            return self._bad(where, f"column {self.text_field!r} is {type(value).__name__}, not a string")
+        return value
+
+
+# ------------------------------------------------------------------ files: local paths or fsspec URLs
+def is_url(path: str) -> bool:
+    """fsspec URLs (gs://, s3://, memory://) go through fsspec; plain paths keep
+    the os calls, with no fsspec overhead."""
+    return "://" in path
+
+
+def _remote(url: str):
+    """(filesystem, path inside it); fsspec caches the filesystem instances."""
+    import fsspec
+    return fsspec.core.url_to_fs(url)
+
+
+# What each filesystem's info() calls a file's version, most specific first.
+_MODIFIED_KEYS = ("etag", "ETag", "md5Hash", "md5", "generation", "mtime", "LastModified",
+                  "last_modified", "updated", "created")
+# info() of the remote files the latest glob matched, by URL: sizes and versions
+# come from that one listing, not from a request per file (thousands on GCS).
+_REMOTE_INFO: dict[str, dict] = {}
+
+
+def _stat(path: str) -> tuple[int, str]:
+    """(size, version) of a local file (mtime in ns) or a URL (its etag, md5,
+    generation or modification time, whichever the filesystem reports)."""
+    if not is_url(path):
+        st = os.stat(path)
+        return st.st_size, str(st.st_mtime_ns)
+    info = _REMOTE_INFO.get(path)
+    if info is None:
+        fs, inner = _remote(path)
+        info = fs.info(inner)
+    for k in _MODIFIED_KEYS:
+        v = info.get(k)
+        if v is not None:  # a listing and info() may give a time as a number or a datetime
+            return int(info["size"]), f"{k} {v.timestamp() if isinstance(v, datetime.datetime) else v}"
+    return int(info["size"]), ""
+
+
+def file_identity(path: str) -> str:
+    """'N bytes, modified X' for a data file's fingerprint (local: X is the mtime in ns)."""
+    size, version = _stat(path)
+    return f"{size} bytes, modified {version}" if version else f"{size} bytes"
+
+
+def _open_binary(path: str):
+    if not is_url(path):
+        return open(path, "rb")
+    fs, inner = _remote(path)
+    return fs.open(inner, "rb")
+
+
+def _read(path: str, start: int | None = None, end: int | None = None) -> bytes:
+    """Bytes [start, end) of a file (all without them). A URL gets one ranged
+    request: stateless, so safe from any thread, with no handle to keep."""
+    if is_url(path):
+        fs, inner = _remote(path)
+        return fs.cat_file(inner, start, end)
+    with open(path, "rb") as f:
+        if start is None:
+            return f.read()
+        f.seek(start)
+        return f.read(end - start)
+
 
 class FileSource(_Source):
     """A document per file: the embedded corpus and text files with doc_per="file"."""
@@ -119,8 +195,7 @@ class FileSource(_Source):
     def __getitem__(self, i):
         path = os.path.join(self.root, self.files[i])
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = _read(path)
         except OSError as e:
             return self._bad(path, f"cannot read: {e.strerror or e}")
         try:
@@ -142,18 +217,19 @@ def index_cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "t5lab", "line-index")
 
 
-def line_index(path: str) -> np.ndarray:
+def line_index(path: str, stat: tuple[int, str] | None = None) -> np.ndarray:
     """[2, lines] int64 start and end offsets of the file's non-empty lines,
-    built in one streamed pass and cached (keyed by path, size and mtime), then
-    memory-mapped: a restart reads no corpus byte to start."""
-    st = os.stat(path)
-    key = hashlib.blake2b(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode(),
-                          digest_size=16).hexdigest()
+    built in one streamed pass and cached locally (keyed by path or URL, size
+    and mtime or version: `stat`, else `_stat(path)`), then memory-mapped: a
+    restart reads no corpus byte to start."""
+    size, version = stat or _stat(path)
+    where = path if is_url(path) else os.path.abspath(path)
+    key = hashlib.blake2b(f"{where}|{size}|{version}".encode(), digest_size=16).hexdigest()
     cached = os.path.join(index_cache_dir(), f"{key}.npy")
     if os.path.isfile(cached):
         return np.load(cached, mmap_mode="r")
     newlines, offset = [], 0
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         while chunk := f.read(INDEX_CHUNK):
             newlines.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + offset)
             offset += len(chunk)
@@ -172,13 +248,17 @@ def line_index(path: str) -> np.ndarray:
 
 class LineSource(_Source):
     """A document per non-blank line (text) or a JSON object per line (jsonl).
-    Each file's line offsets come from its cached index (`line_index`)."""
+    Each file's line offsets come from its cached index (`line_index`); a URL's
+    documents are then read by ranged requests."""
 
     def __init__(self, files: list[str], name: str, text_field: str | None = None):
         self.name, self.text_field = name, text_field
         self.files, self._index, counts = [], [], []
+        # Remote files' (size, version) as indexed: workers find the cached
+        # indexes without a request per file.
+        self._stats = {p: _stat(p) for p in files if is_url(p)}
         for path in files:
-            index = line_index(path)
+            index = line_index(path, self._stats.get(path))
             if index.shape[1] == 0:
                 log.warning("%s: skipping empty file %s", name, path)
                 continue
@@ -194,7 +274,7 @@ class LineSource(_Source):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._index = [line_index(p) for p in self.files]
+        self._index = [line_index(p, self._stats.get(p)) for p in self.files]
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -205,9 +285,7 @@ class LineSource(_Source):
         path = self.files[fid]
         where = f"{path} line at byte {start}"
         try:
-            with open(path, "rb") as f:
-                f.seek(start)
-                raw = f.read(end - start)
+            raw = _read(path, start, end)
         except OSError as e:
             return self._bad(where, f"cannot read: {e.strerror or e}")
         try:
@@ -233,16 +311,29 @@ class LineSource(_Source):
         return _position_keys(self.files, np.repeat(np.arange(len(self.files)), np.diff(self.offsets)))
 
 
+def _parquet_file(path: str):
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(_open_binary(path) if is_url(path) else path)
+
+
+# Decoded row groups a Parquet source keeps by default; its locality order
+# (RowGroupOrder) raises this to two of its windows.
+PARQUET_CACHE_GROUPS = 4
+# Open Parquet files kept per process: opening a remote one costs requests.
+PARQUET_OPEN_FILES = 8
+
+
 class ParquetSource(_Source):
-    """A document per row of a string column; reads whole row groups, cached."""
+    """A document per row of a string column. Reads whole row groups and keeps
+    the latest `cache_groups` of them as Arrow arrays (compact: no Python string
+    per row until asked for); `group_reads` counts the reads."""
 
     def __init__(self, files: list[str], text_field: str):
-        import pyarrow.parquet as pq
         self.files, self.text_field, self.name = files, text_field, "parquet"
         groups = []  # (file id, row group, rows)
         for fid, path in enumerate(files):
             try:
-                meta = pq.ParquetFile(path)
+                meta = _parquet_file(path)
             except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
                 raise ValueError(f"parquet: {path} is not a readable Parquet file: "
                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
@@ -257,30 +348,46 @@ class ParquetSource(_Source):
         self.offsets = np.cumsum([0] + [n for _, _, n in groups])
         if self.offsets[-1] == 0:
             raise ValueError(f"parquet: all files are empty: {files[:3]}")
+        self.cache_groups, self.group_reads = PARQUET_CACHE_GROUPS, 0
+        self._cache, self._open = collections.OrderedDict(), collections.OrderedDict()
+
+    def __getstate__(self):  # decoded groups and open files stay in their process
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_open")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._cache, self._open = collections.OrderedDict(), collections.OrderedDict()
 
     def __len__(self):
         return int(self.offsets[-1])
 
-    @functools.lru_cache(maxsize=4)
-    def _group(self, k):
-        import pyarrow.parquet as pq
+    @staticmethod
+    def _lru(cache: collections.OrderedDict, key, size: int, load):
+        value = cache.pop(key, None)
+        if value is None:
+            value = load(key)
+        cache[key] = value
+        while len(cache) > size:
+            cache.popitem(last=False)
+        return value
+
+    def _read_group(self, k):
         fid, g, _ = self.groups[k]
-        return pq.ParquetFile(self.files[fid]).read_row_group(g, columns=[self.text_field]) \
-            .column(0).to_pylist()
+        pf = self._lru(self._open, fid, PARQUET_OPEN_FILES, lambda f: _parquet_file(self.files[f]))
+        self.group_reads += 1
+        return pf.read_row_group(g, columns=[self.text_field]).column(0).combine_chunks()
+
+    def _group(self, k):
+        return self._lru(self._cache, k, self.cache_groups, self._read_group)
 
     def __getitem__(self, i):
         k = int(np.searchsorted(self.offsets, i, side="right") - 1)
         try:
-            text = self._group(k)[i - self.offsets[k]]
+            text = self._group(k)[int(i - self.offsets[k])].as_py()
         except OSError as e:
             return self._bad(f"{self.files[self.groups[k][0]]} row group {self.groups[k][1]}",
                              f"cannot read: {e}")
-        if text is None:
-            return ""
-        if not isinstance(text, str):
-            return self._bad(f"{self.files[self.groups[k][0]]} row {i - self.offsets[k]}",
-                             f"column {self.text_field!r} is {type(text).__name__}, not a string")
-        return text
+        return self._cell(text, f"{self.files[self.groups[k][0]]} row {i - self.offsets[k]}")
 
     def keys(self):
         fid = np.repeat([f for f, _, _ in self.groups], [n for _, _, n in self.groups]).astype(np.int64)
@@ -327,6 +434,87 @@ class TfdsSource(_Source):
         self.__init__(s["name"], s["split"], s["data_dir"], s["text_field"])
 
 
+def _saved_dataset_files(path: str, key: str) -> list[str]:
+    state = os.path.join(path, "state.json")
+    if not os.path.isfile(state):
+        raise FileNotFoundError(
+            f"{key}: {path!r} is not a datasets.save_to_disk directory (no state.json "
+            f"or dataset_dict.json); name Arrow files with a glob instead, e.g. '{path}/*.arrow'")
+    with open(state) as f:
+        return [os.path.join(path, d["filename"]) for d in json.load(f)["_data_files"]]
+
+
+def hf_arrow_files(arg: str, split: str, key: str = "config.data.paths") -> tuple[list[str], bool]:
+    """The Arrow files of a Hugging Face dataset on disk, and whether they are
+    `split` itself: a `save_to_disk` directory of a DatasetDict (`split`, i.e.
+    config.data.train_split or eval_split, names its subdirectory) or of a
+    Dataset (split later by hash), or globs of .arrow files (the hub cache's)."""
+    path = os.path.expanduser(arg.strip())
+    if os.path.isdir(path):
+        splits_file = os.path.join(path, "dataset_dict.json")
+        if not os.path.isfile(splits_file):
+            return _saved_dataset_files(path, key), False
+        with open(splits_file) as f:
+            splits = json.load(f)["splits"]
+        if split not in splits:
+            raise FileNotFoundError(f"config.data.train_split/eval_split: the DatasetDict {path!r} "
+                                    f"has no split {split!r} (splits: {splits})")
+        return _saved_dataset_files(os.path.join(path, split), key), True
+    return expand_globs(arg, key), False
+
+
+def _arrow_table(path: str):
+    """The file's table, memory-mapped (zero copy: the page cache holds it,
+    shared by all processes), from the IPC stream format `datasets` writes or
+    the IPC file format."""
+    import pyarrow as pa
+    if is_url(path):
+        raise ValueError(f"hf: {path!r}: Arrow files are memory-mapped, so they must be local")
+    try:
+        mm = pa.memory_map(path)
+        is_file_format = mm.read(6) == b"ARROW1"
+        mm.seek(0)
+        return (pa.ipc.open_file(mm) if is_file_format else pa.ipc.open_stream(mm)).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"hf: {path} is not a readable Arrow file: {str(e).splitlines()[0]}") from None
+
+
+class ArrowSource(_Source):
+    """A document per row of the config.data.text_field column of a Hugging
+    Face dataset's Arrow files, read with pyarrow alone (no `datasets` at run time)."""
+    name = "hf"
+
+    def __init__(self, files: list[str], text_field: str):
+        self.files, self.text_field = list(files), text_field
+        self._columns = []
+        for path in self.files:
+            table = _arrow_table(path)
+            if text_field not in table.column_names:
+                raise KeyError(f"config.data.text_field: {path} has no column {text_field!r} "
+                               f"(columns: {table.column_names})")
+            self._columns.append(table.column(text_field))
+        self.offsets = np.cumsum([0] + [len(c) for c in self._columns])
+        if self.offsets[-1] == 0:
+            raise ValueError(f"hf: all files are empty: {self.files[:3]}")
+
+    def __getstate__(self):  # workers memory-map the files themselves
+        return {"files": self.files, "text_field": self.text_field}
+
+    def __setstate__(self, state):
+        self.__init__(state["files"], state["text_field"])
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i):
+        fid = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        row = int(i - self.offsets[fid])
+        return self._cell(self._columns[fid][row].as_py(), f"{self.files[fid]} row {row}")
+
+    def keys(self):
+        return _position_keys(self.files, np.repeat(np.arange(len(self.files)), np.diff(self.offsets)))
+
+
 class Subset(_Source):
     def __init__(self, source: _Source, indices: np.ndarray):
         self.source, self.indices, self.name = source, indices, source.name
@@ -360,13 +548,26 @@ def embedded_documents() -> FileSource:
     return FileSource(list(embedded_files()), embedded_root(), name="embedded")
 
 
+def _glob_url(pattern: str) -> list[str]:
+    """The files an fsspec URL pattern matches, as URLs; remembers their info()."""
+    fs, inner = _remote(pattern)
+    found = {k: v for k, v in fs.glob(inner, detail=True).items() if v.get("type") == "file"}
+    urls = {fs.unstrip_protocol(k): v for k, v in found.items()}
+    _REMOTE_INFO.update(urls)
+    return sorted(urls)
+
+
 def expand_globs(paths: str, key: str = "config.data.paths") -> list[str]:
+    """The files that comma-separated local globs or fsspec URL globs match."""
     patterns = [p.strip() for p in paths.split(",") if p.strip()]
     if not patterns:
         raise ValueError(f"{key}: no paths given")
     files = []
     for p in patterns:
-        hits = sorted(f for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f))
+        if is_url(p):
+            hits = _glob_url(p)
+        else:
+            hits = sorted(f for f in glob.glob(os.path.expanduser(p), recursive=True) if os.path.isfile(f))
         if not hits:
             raise FileNotFoundError(f"{key}: {p!r} matches no file")
         files += hits
@@ -374,18 +575,27 @@ def expand_globs(paths: str, key: str = "config.data.paths") -> list[str]:
 
 
 def open_source(kind: str, arg: str, data, split: str) -> tuple[_Source, bool]:
-    """Opens one source; returns it and whether it has its own `split` (TFDS)."""
+    """Opens one source; returns it and whether it has its own `split` (TFDS,
+    prepared, a Hugging Face DatasetDict)."""
     if kind == "embedded":
         return embedded_documents(), False
     if kind == "tfds":
         return TfdsSource(arg, split, data.tfds_data_dir, data.text_field), True
-    files = expand_globs(arg, "config.data.paths" if arg == data.paths else "config.data.mixture")
+    if kind == "prepared":  # token chunks written by `t5lab prepare`, split there
+        from t5lab.data import prepared
+        return prepared.PreparedSource(arg, "train" if split == data.train_split else "eval"), True
+    key = "config.data.paths" if arg == data.paths else "config.data.mixture"
+    if kind == "hf":
+        files, has_split = hf_arrow_files(arg, split, key)
+        return ArrowSource(files, data.text_field), has_split
+    files = expand_globs(arg, key)
     if kind == "text":
         if data.doc_per == "file":
+            sizes = {f: _stat(f)[0] for f in files}
             for f in files:
-                if os.path.getsize(f) == 0:
+                if sizes[f] == 0:
                     log.warning("text: skipping empty file %s", f)
-            return FileSource([f for f in files if os.path.getsize(f) > 0]), False
+            return FileSource([f for f in files if sizes[f] > 0]), False
         return LineSource(files, "text"), False
     if kind == "jsonl":
         return LineSource(files, "jsonl", data.text_field), False
@@ -404,6 +614,84 @@ def split_source(source: _Source, has_split: bool, split: str, eval_fraction: fl
         raise ValueError(f"config.data.eval_fraction={eval_fraction}: the {split} split of "
                          f"{source.name} has no documents")
     return Subset(source, idx)
+
+
+# A window of the Parquet train order spans at least this many rows (fewer
+# only when MAX_WINDOW_GROUPS, which bounds memory for tiny row groups, binds).
+WINDOW_ROWS = 1 << 16
+MAX_WINDOW_GROUPS = 64
+
+
+class RowGroupOrder:
+    """The train order of a Parquet source (or a Subset of one, with sorted
+    indices as split_source makes), read in place with locality. Epoch
+    e = position // len(source) permutes the row groups, cuts the permuted
+    groups into windows of `window` groups (>= WINDOW_ROWS rows) and permutes
+    the rows within each window: every document appears once per epoch, and
+    position -> document is a pure function of (seed, position), random access
+    with no buffer, so a resume needs only positions.
+
+    The trade: consecutive positions, hence a batch, draw from the `window`
+    groups of one window (two at its edge) rather than from the whole corpus;
+    in exchange a row group is read about once per epoch instead of about once
+    per document. The source keeps two windows of decoded groups, as lanes
+    read on both sides of a window edge. Positions a process reads at once
+    (its lanes' blocks, spread further as lanes drift apart) beyond two
+    windows bring back a read per document."""
+
+    def __init__(self, source, seed: int, epochs: int = 1):
+        parquet = source.source if isinstance(source, Subset) else source
+        rows = np.asarray(source.indices) if isinstance(source, Subset) else np.arange(len(source))
+        sizes = np.bincount(np.searchsorted(parquet.offsets, rows, side="right") - 1,
+                            minlength=len(parquet.groups))
+        self.source, self.seed, self.n, self.epochs = source, seed, len(rows), epochs
+        self.sizes = sizes
+        self.group_start = np.concatenate([[0], np.cumsum(sizes)])  # each group's first position in `source`
+        rows_per_group = len(rows) / max(1, np.count_nonzero(sizes))
+        self.window = int(np.clip(math.ceil(WINDOW_ROWS / rows_per_group), 1, MAX_WINDOW_GROUPS))
+        parquet.cache_groups = max(parquet.cache_groups, 2 * self.window)
+        self._epochs = {}
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_epochs"} | {"_epochs": {}}
+
+    def __len__(self):
+        return self.n * self.epochs
+
+    def _epoch(self, epoch: int):
+        """(group of each slot, first position of each slot, of each window)."""
+        if epoch not in self._epochs:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.sizes))
+            starts = np.concatenate([[0], np.cumsum(self.sizes[perm])])
+            windows = starts[np.r_[0:len(perm):self.window, len(perm)]]
+            if len(self._epochs) >= 4:  # lanes near an epoch's end read two epochs
+                self._epochs.pop(next(iter(self._epochs)))
+            self._epochs[epoch] = perm, starts, windows
+        return self._epochs[epoch]
+
+    def __getitem__(self, i):
+        from grain.experimental import index_shuffle
+        epoch, p = divmod(int(i), self.n)
+        perm, starts, windows = self._epoch(epoch)
+        w = int(np.searchsorted(windows, p, side="right")) - 1
+        lo, hi = int(windows[w]), int(windows[w + 1])
+        q = lo + index_shuffle(p - lo, max_index=hi - lo - 1,
+                               seed=_stable_hash(f"{self.seed}/{epoch}/{w}") % 2**32, rounds=4)
+        slot = int(np.searchsorted(starts, q, side="right")) - 1
+        return self.source[int(self.group_start[perm[slot]] + q - starts[slot])]
+
+
+def shuffled(source: _Source, seed: int, repeat: bool = True):
+    """The train order of one source: a grain MapDataset over its documents, a
+    permutation of the whole source per epoch drawn from `seed`, repeated
+    forever unless repeat=False. Parquet sources keep read locality
+    (RowGroupOrder); others get grain's global shuffle, reseeded each epoch."""
+    import grain
+    if isinstance(getattr(source, "source", source), ParquetSource):
+        epochs = sys.maxsize // len(source) if repeat else 1  # grain takes index % len: epochs inside
+        return grain.MapDataset.source(RowGroupOrder(source, seed, epochs))
+    ds = grain.MapDataset.source(source).shuffle(seed=seed)
+    return ds.repeat() if repeat else ds
 
 
 def parse_mixture(spec: str) -> list[tuple[str, str, float]]:

@@ -22,6 +22,33 @@ _RECIPE_VERSION = 1
 # Text fed to the trainer for the default tokenizer: enough for a stable
 # unigram model, small enough to train in well under a minute on one core.
 _DEFAULT_TRAIN_CHARS = 3_000_000
+NEWLINE = "\n"  # a piece of its own with train(keep_newlines=True)
+
+
+# SentencePiece returns a Python int per id of one encode call (~70 bytes
+# each): a long document is encoded in parts of at most this many characters.
+MAX_ENCODE_CHARS = 1 << 20
+
+
+def split_long(text: str, limit: int, dummy_prefix: bool) -> list[str]:
+    """`text` in parts of at most `limit` characters whose encodings, joined,
+    are the encoding of `text` up to ties between equally scored segmentations
+    (their Viterbi sums start elsewhere): each cut is at a lone space between
+    two words, where no piece can span it (pieces carry their `▁` in front);
+    with a dummy prefix the space is dropped, since encoding a part puts it back."""
+    if len(text) <= limit:
+        return [text]
+    out, start = [], 0
+    while len(text) - start > limit:
+        j = start + limit - 1
+        while j > start and not (text[j] == " " and not text[j - 1].isspace() and not text[j + 1].isspace()):
+            j -= 1
+        if j <= start:
+            return out + [text[start:]]  # no lone space to cut at: one part
+        out.append(text[start:j])
+        start = j + 1 if dummy_prefix else j
+    out.append(text[start:])
+    return out
 
 
 def sentinel_piece(i: int) -> str:
@@ -48,6 +75,9 @@ class Tokenizer:
         self._sentinel0 = ids[0] if self.num_sentinels else -1
         self.mode_ids = {p: self._sp.piece_to_id(p) for p in MODE_TOKENS}
         self.has_mode_tokens = all(t != self.unk_id for t in self.mode_ids.values())
+        # Trained with keep_newlines: "\n" is a piece; otherwise it encodes as <0x0A>.
+        self.keeps_newlines = self._sp.piece_to_id(NEWLINE) != self.unk_id
+        self.dummy_prefix = self._sp.encode_as_pieces("a")[0].startswith("\u2581")
 
     def sentinel_id(self, i: int) -> int:
         """Id of <extra_id_i>; ids count down from the top as in T5."""
@@ -63,10 +93,16 @@ class Tokenizer:
             self._sp.piece_to_id(sentinel_piece(i)) == self._sentinel0 - i for i in range(NUM_SENTINELS))
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(x, np.int32) for x in self._sp.encode(list(texts))]
+        texts = list(texts)
+        if max(map(len, texts), default=0) <= MAX_ENCODE_CHARS:
+            return [np.asarray(x, np.int32) for x in self._sp.encode(texts)]
+        return [self.encode(t) for t in texts]
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._sp.encode(text), np.int32)
+        parts = split_long(text, MAX_ENCODE_CHARS, self.dummy_prefix)
+        if len(parts) == 1:
+            return np.asarray(self._sp.encode(text), np.int32)
+        return np.concatenate([np.asarray(x, np.int32) for x in self._sp.encode(parts)])
 
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -81,10 +117,14 @@ class Tokenizer:
         self.__init__(state["path"])
 
 
-def train(texts, model_path: str, vocab_size: int, *, max_sentences: int = 500_000) -> str:
+def train(texts, model_path: str, vocab_size: int, *, max_sentences: int = 500_000,
+          keep_newlines: bool = False) -> str:
     """Trains a unigram model with byte fallback and T5's special ids.
 
     `texts` is an iterable of strings (each split into lines for the trainer).
+    "\n" then encodes as the byte piece <0x0A>; with keep_newlines it is a
+    user-defined piece (id 6, after the mode tokens) that never merges with its
+    neighbours. Both round-trip exactly and cost one token (docs/data.md).
     The sentinels are appended after training so that <extra_id_0> is the top id;
     SentencePiece itself would place user-defined pieces at the bottom.
     """
@@ -108,7 +148,8 @@ def train(texts, model_path: str, vocab_size: int, *, max_sentences: int = 500_0
         spm.SentencePieceTrainer.train(
             sentence_iterator=lines(), model_prefix=prefix, vocab_size=vocab_size - NUM_SENTINELS,
             model_type="unigram", byte_fallback=True, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID,
-            bos_id=-1, user_defined_symbols=list(MODE_TOKENS), character_coverage=0.9995,
+            bos_id=-1, user_defined_symbols=list(MODE_TOKENS) + [NEWLINE] * keep_newlines,
+            character_coverage=0.9995,
             # Keep whitespace as written: code and layout must round-trip.
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True, split_digits=True, hard_vocab_limit=False,
@@ -147,6 +188,10 @@ def resolve(config, cache_dir: str | None = None) -> str:
     if path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config.data.tokenizer: no file {path!r}")
+        return path
+    from t5lab.data import prepared
+    path = prepared.tokenizer_of(config)
+    if path:
         return path
     vocab = int(config.model.vocab_size)
     out = default_cache_path(vocab, cache_dir)
