@@ -112,9 +112,11 @@ def test_work_split_over_machines_and_merged_equals_one_machine(corpus, prepared
 def test_another_preparation_into_the_same_directory_is_refused(corpus, prepared_dir, tmp_path):
     out = tmp_path / "p"
     shutil.copytree(prepared_dir, out)
+    with pytest.raises(prepare.PrepareError, match="chunk_tokens: 64 -> 128"):
+        _prepare(corpus, out, chunk_tokens=128)  # finished
     os.unlink(out / "manifest.json")
     with pytest.raises(prepare.PrepareError, match="chunk_tokens: 64 -> 128"):
-        _prepare(corpus, out, chunk_tokens=128)
+        _prepare(corpus, out, chunk_tokens=128)  # unfinished
 
 
 def _prepared_config(corpus, path, **data):

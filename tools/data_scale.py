@@ -29,7 +29,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _STARTUP = """
-import resource, sys, time
+import sys, time
 t0 = time.perf_counter()
 from t5lab.config import schema
 from t5lab.data import pipeline, tokenizer
@@ -41,7 +41,9 @@ tok = tokenizer.resolve(c)
 stream = pipeline.make_dataset(c, tokenizer_path=tok, process_index=0, process_count=1)
 it = iter(stream)
 next(it)
-print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: Linux carries the parent's peak into ru_maxrss across fork and exec.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(time.perf_counter() - t0, int(hwm) / 1024)
 it.close()
 """
 
@@ -93,6 +95,8 @@ def main():
                     if hasattr(os, "sched_getaffinity") else os.cpu_count(), help="prepare processes")
     ap.add_argument("--vocab_size", type=int, default=2048, help="the default tokenizer's size (default 2048)")
     ap.add_argument("--seconds", type=float, default=20.0, help="packed-throughput measurement time")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep prepared corpora already in --dir (no prepare figures)")
     args = ap.parse_args()
     from t5lab.config import schema
     from t5lab.data import prepare, tokenizer
@@ -106,7 +110,9 @@ def main():
         path = os.path.join(args.dir, name + ".jsonl")
         docs = _corpus(path, gb)
         out = os.path.join(args.dir, name + ".prepared")
-        shutil.rmtree(out, ignore_errors=True)
+        reuse = args.reuse and os.path.isfile(os.path.join(out, "manifest.json"))
+        if not reuse:
+            shutil.rmtree(out, ignore_errors=True)
         cfg = schema()
         cfg.model.vocab_size = args.vocab_size
         cfg.data.source, cfg.data.paths, cfg.data.tokenizer = "jsonl", path, tok
@@ -119,7 +125,7 @@ def main():
         cold = _startup("jsonl", path, args.vocab_size, env)
         warm = _startup("jsonl", path, args.vocab_size, env)
         ready = _startup("prepared", out, args.vocab_size, env)
-        rows.append((gb, docs, tokens, prep_s, tokens / prep_s / args.workers, cold, warm, ready))
+        rows.append((gb, docs, tokens, prep_s, None if reuse else tokens / prep_s / args.workers, cold, warm, ready))
         print(f"{gb:g} GB: {docs:,} documents, {tokens:,} tokens; prepare {prep_s:.0f} s; start-up "
               f"raw cold {cold[0]:.1f} s / {cold[1]:.0f} MB, warm {warm[0]:.1f} s / {warm[1]:.0f} MB, "
               f"prepared {ready[0]:.1f} s / {ready[1]:.0f} MB", flush=True)
@@ -133,7 +139,7 @@ def main():
           f"start-up raw cold | raw warm | prepared | peak RSS raw cold | raw warm | prepared |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for gb, docs, tokens, _, rate, cold, warm, ready in rows:
-        print(f"| {gb:g} GB | {docs:,} | {tokens:,} | {rate:,.0f} | {cold[0]:.1f} s | {warm[0]:.1f} s | "
+        print(f"| {gb:g} GB | {docs:,} | {tokens:,} | {'-' if rate is None else f'{rate:,.0f}'} | {cold[0]:.1f} s | {warm[0]:.1f} s | "
               f"{ready[0]:.1f} s | {cold[1]:.0f} MB | {warm[1]:.0f} MB | {ready[1]:.0f} MB |")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -28,8 +27,6 @@ import numpy as np
 from t5lab import storage
 from t5lab.data import pipeline, prepared, sources
 from t5lab.data.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_TOKENS = 4096
 # Default task count: at least this many (so every core has work), else one
@@ -161,7 +158,7 @@ def run_task(config, plan: dict, tok_path: str, out: str, tag: str, k: int) -> d
     lo, hi = k * len(src) // n, (k + 1) * len(src) // n
     held_out = None
     if tag == "all" and plan["eval_fraction"]:
-        held_out = sources.is_eval(src.keys()[lo:hi], plan["eval_fraction"])
+        held_out = sources.is_eval(src.keys(lo, hi), plan["eval_fraction"])
     splits = ["train", "eval"] if tag == "all" else [tag]
     tok = Tokenizer(tok_path)
     skipped = {}  # counted here: other threads of this process may count in SKIPS too
@@ -261,11 +258,10 @@ def prepare(config, out: str, *, workers: int = 1, shards: int | None = None, sh
     if workers < 1:
         raise PrepareError(f"--workers {workers}: must be >= 1")
     out = storage.absolute(out)
-    if storage.exists(storage.join(out, prepared.MANIFEST)):
-        log.info("%s is complete", out)
-        return prepared.read_manifest(out)
     plan = make_plan(config, tok_path, shards, chunk_tokens)
-    _write_plan(out, plan, tok_path)
+    _write_plan(out, plan, tok_path)  # refuses a directory holding another preparation
+    if storage.exists(storage.join(out, prepared.MANIFEST)):
+        return prepared.read_manifest(out)
     done = _done(out, plan)
     todo = [t for i, t in enumerate(_tasks(plan)) if i % num_shards == shard and t not in done]
     progress = _Progress(sum(plan["source_documents"].values()), max(len(todo), 1))

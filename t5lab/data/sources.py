@@ -82,12 +82,14 @@ def is_eval(keys: np.ndarray, eval_fraction: float) -> np.ndarray:
     return u < eval_fraction
 
 
-def _position_keys(files: list[str], fids: np.ndarray) -> np.ndarray:
-    """Eval-split keys from each document's file name and its ordinal in that file
-    (`fids` is sorted by file): adding or removing a file moves no other document."""
-    fids = np.asarray(fids, np.int64)
-    first = np.searchsorted(fids, fids, side="left")  # index of each file's first document
-    local = (np.arange(len(fids)) - first).astype(np.uint64)
+def _position_keys(files: list[str], file_offsets: np.ndarray, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """Eval-split keys of documents [lo, hi) from each one's file name and its
+    ordinal in that file (file f holds documents file_offsets[f:f+2]): adding
+    or removing a file moves no other document."""
+    file_offsets = np.asarray(file_offsets, np.int64)
+    i = np.arange(lo, int(file_offsets[-1]) if hi is None else hi, dtype=np.int64)
+    fids = np.searchsorted(file_offsets, i, side="right") - 1
+    local = (i - file_offsets[fids]).astype(np.uint64)
     file_keys = np.array([_stable_hash(os.path.basename(f)) for f in files], np.uint64)
     with np.errstate(over="ignore"):
         return _mix64(_mix64(file_keys[fids]) + local)
@@ -103,7 +105,8 @@ class _Source:
     def __getitem__(self, i):
         raise NotImplementedError
 
-    def keys(self) -> np.ndarray:
+    def keys(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Stable uint64 keys of documents [lo, hi) (all by default)."""
         raise NotImplementedError
 
     def _bad(self, where: str, why: str):
@@ -203,8 +206,8 @@ class FileSource(_Source):
         except UnicodeDecodeError as e:
             return self._bad(path, f"not UTF-8 at byte {e.start}")
 
-    def keys(self):
-        return np.array([_stable_hash(f) for f in self.files], np.uint64)
+    def keys(self, lo=0, hi=None):
+        return np.array([_stable_hash(f) for f in self.files[lo:hi]], np.uint64)
 
 
 # Newline indexes are read in chunks of this many bytes: memory stays bounded
@@ -307,8 +310,8 @@ class LineSource(_Source):
             return self._bad(where, f"field {self.text_field!r} is {type(text).__name__}, not a string")
         return text
 
-    def keys(self):
-        return _position_keys(self.files, np.repeat(np.arange(len(self.files)), np.diff(self.offsets)))
+    def keys(self, lo=0, hi=None):
+        return _position_keys(self.files, self.offsets, lo, hi)
 
 
 def _parquet_file(path: str):
@@ -389,9 +392,9 @@ class ParquetSource(_Source):
                              f"cannot read: {e}")
         return self._cell(text, f"{self.files[self.groups[k][0]]} row {i - self.offsets[k]}")
 
-    def keys(self):
-        fid = np.repeat([f for f, _, _ in self.groups], [n for _, _, n in self.groups]).astype(np.int64)
-        return _position_keys(self.files, fid)
+    def keys(self, lo=0, hi=None):
+        rows = np.bincount([f for f, _, _ in self.groups], [n for _, _, n in self.groups], len(self.files))
+        return _position_keys(self.files, np.concatenate([[0], np.cumsum(rows)]), lo, hi)
 
 
 class TfdsSource(_Source):
@@ -511,8 +514,8 @@ class ArrowSource(_Source):
         row = int(i - self.offsets[fid])
         return self._cell(self._columns[fid][row].as_py(), f"{self.files[fid]} row {row}")
 
-    def keys(self):
-        return _position_keys(self.files, np.repeat(np.arange(len(self.files)), np.diff(self.offsets)))
+    def keys(self, lo=0, hi=None):
+        return _position_keys(self.files, self.offsets, lo, hi)
 
 
 class Subset(_Source):
