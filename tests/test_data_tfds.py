@@ -93,3 +93,19 @@ def test_tfds_batches_come_from_their_split(corpus, tfds_dir):
     draws = [docs[i] for i in range(200)]
     assert {d for d in draws if d.startswith("validation")} <= set(TEXTS["validation"])
     assert 60 < sum(d.startswith("validation") for d in draws) < 140
+
+
+def test_prepare_keeps_the_tfds_splits(corpus, tfds_dir, tmp_path):
+    from t5lab.data import prepare, prepared
+    c = _tfds_config(corpus, tfds_dir)
+    m = prepare.prepare(c, str(tmp_path / "p"), tok_path=corpus[1], shards=2, chunk_tokens=32)
+    tok = tokenizer.Tokenizer(corpus[1])
+    for split, name in (("train", "train"), ("eval", "validation")):
+        src = prepared.PreparedSource(str(tmp_path / "p"), split)
+        got = np.concatenate([p for i in range(len(src)) for p in src[i]])
+        # TFDS's own order within the split, tokenized
+        raw = pipeline.sources.TfdsSource(f"{NAME}:1.0.0", name, tfds_dir, "text")
+        want = np.concatenate([tok.encode(raw[i]) for i in range(len(raw))])
+        np.testing.assert_array_equal(got, want)
+        assert m["splits"][split]["documents"] == len(TEXTS[name])
+    assert m["eval_fraction"] is None
