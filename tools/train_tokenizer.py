@@ -1,10 +1,13 @@
 r"""Train a T5-style SentencePiece tokenizer on any configured source.
 
     python tools/train_tokenizer.py --config configs/ul2.py:small --out spm.model \
-        [--vocab_size 32128] [--max_docs 200000] [--max_chars 200000000] [--config.KEY=VALUE ...]
+        [--vocab_size 32128] [--max_docs 200000] [--max_chars 200000000] [--keep_newlines] \
+        [--config.KEY=VALUE ...]
 
 Unigram with byte fallback; pad 0, eos 1, unk 2, [NLU] [NLG] [S2S] as
 user-defined pieces and <extra_id_0..99> at the top (<extra_id_0> highest).
+Whitespace is kept as written; "\n" encodes as the byte piece <0x0A>, or with
+--keep_newlines as a piece "\n" of its own (id 6). See docs/data.md.
 Reads documents of config.data's train split in a seeded random order.
 """
 from __future__ import annotations
@@ -24,6 +27,8 @@ def main():
     ap.add_argument("--max_docs", type=int, default=200_000, help="documents to read at most (default 200000)")
     ap.add_argument("--max_chars", type=int, default=200_000_000,
                     help="characters to read at most (default 200000000)")
+    ap.add_argument("--keep_newlines", action="store_true",
+                    help='make "\n" a piece of its own (id 6) instead of the byte piece <0x0A>')
     args, rest = ap.parse_known_args()
     bad = [a for a in rest if not a.startswith("--config.")]
     if bad:
@@ -46,10 +51,10 @@ def main():
                 return
 
     vocab = args.vocab_size or cfg.model.vocab_size
-    tokenizer.train(texts(), args.out, vocab)
+    tokenizer.train(texts(), args.out, vocab, keep_newlines=args.keep_newlines)
     tok = tokenizer.Tokenizer(args.out)
     print(f"wrote {args.out}: {tok.vocab_size} pieces, <extra_id_0>={tok.sentinel_id(0)}, "
-          f"modes={tok.mode_ids}")
+          f"modes={tok.mode_ids}, 'a\\nb' -> {[tok.id_to_piece(i) for i in tok.encode('a' + chr(10) + 'b')]}")
 
 
 if __name__ == "__main__":
