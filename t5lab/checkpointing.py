@@ -292,11 +292,20 @@ class _NoStepMetadataWarning(logging.Filter):
         return "_CHECKPOINT_METADATA" not in record.getMessage()
 
 
+class NoSuchStep(FileNotFoundError):
+    """The step asked for is not among the checkpoints (never saved, or pruned)."""
+
+    def __init__(self, root: str, step: int, steps: list[int]):
+        self.step, self.steps = step, steps
+        super().__init__(f"{root}: no checkpoint of step {step}; steps: {', '.join(map(str, steps))}")
+
+
 def restore_params(checkpoint_dir: str, config=None, step: int | None = None):
     """The `params` of a t5lab checkpoint as numpy arrays on the host.
 
-    checkpoint_dir: a workdir, its checkpoints/ folder, or a step folder. The
-    config is only used to name the file in errors; shapes come from the file."""
+    checkpoint_dir: a workdir, its checkpoints/ folder, or a step folder; step:
+    which one (default the newest; NoSuchStep names the others). The config is
+    only used to name the file in errors; shapes come from the file."""
     root = _checkpoint_root(checkpoint_dir)
     if storage.isdir(storage.join(root, "state")):  # a step folder
         step_dir = root
@@ -306,6 +315,8 @@ def restore_params(checkpoint_dir: str, config=None, step: int | None = None):
         steps = sorted(int(d) for d in storage.listdir(root) if d.isdigit())
         if not steps:
             raise FileNotFoundError(f"{root}: holds no complete checkpoint")
+        if step is not None and step not in steps:
+            raise NoSuchStep(root, step, steps)
         step_dir = storage.join(root, str(step if step is not None else steps[-1]))
     verify(step_dir)  # never export flipped bits
     state_dir = storage.join(step_dir, "state")

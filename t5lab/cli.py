@@ -67,11 +67,13 @@ run's tokenizer when it has one; load it with from_pretrained(DIR).
 options:
   --workdir DIR  the run's directory (holds config.json and checkpoints/)
   --out DIR      where to write (default WORKDIR/hf; needed when the workdir is remote)
-  --step N       the checkpoint step to export (default the newest)
+  --step N       the checkpoint step to export (default the newest; one that
+                 does not exist is refused, naming those that do)
   --debug        show the traceback of an error instead of its one line
   -h, --help     this help
 
-exit status: 0 written; 2 bad input (not a workdir, a damaged checkpoint; one line).
+exit status: 0 written; 2 bad input (not a workdir, no such step, a damaged
+checkpoint; one line).
 
 example:
   t5lab export --workdir runs/tiny --out hf/tiny
@@ -159,8 +161,15 @@ def _export(argv: list[str]) -> None:
     for group, values in json.loads(storage.read_text(cfg_path)).items():
         for key, value in values.items():
             config[group][key] = value
-    step = int(flags["step"]) if "step" in flags else None
-    params = checkpointing.restore_params(workdir, config, step=step)
+    try:
+        step = int(flags["step"]) if "step" in flags else None
+    except ValueError:
+        raise config_lib.ConfigError(f"--step: {flags['step']!r} is not an integer") from None
+    try:
+        params = checkpointing.restore_params(workdir, config, step=step)
+    except checkpointing.NoSuchStep as e:
+        raise config_lib.ConfigError(f"--step {step}: no such checkpoint; steps: "
+                                     f"{', '.join(map(str, e.steps))}") from None
     out = flags.get("out", os.path.join(workdir, "hf"))
     with tempfile.TemporaryDirectory() as tmp:
         spm = storage.join(workdir, "tokenizer.model")

@@ -289,6 +289,23 @@ def from_hf_state(state, config, hf_json=None) -> dict:
 
 
 # ------------------------------------------------------------------- files
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:  # read without changing it (Linux)
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _save_weights(tensors: dict, path: str) -> None:
+    """safetensors' save_file leaves its file 0600 whatever the umask; an
+    exported model gets the permissions of any other file written here."""
+    save_file(tensors, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def save_pretrained(params, config, out_dir: str, spm_model: str | None = None) -> str:
     """Writes config.json + model.safetensors (+ mlm_head.safetensors for an
     untied encoder-only head, + tokenizer files when spm_model is given)."""
@@ -296,16 +313,16 @@ def save_pretrained(params, config, out_dir: str, spm_model: str | None = None) 
     state = to_hf_state(params, config)
     os.makedirs(out_dir, exist_ok=True)
     if config.model.arch == "encoder" and "lm_head.weight" in state:
-        save_file({"lm_head.weight": state.pop("lm_head.weight")}, os.path.join(out_dir, MLM_HEAD),
-                  metadata={"format": "pt"})
-    save_file(state, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
+        _save_weights({"lm_head.weight": state.pop("lm_head.weight")}, os.path.join(out_dir, MLM_HEAD))
+    _save_weights(state, os.path.join(out_dir, WEIGHTS))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         start = {} if config.model.arch == "decoder" else {"decoder_start_token_id": 0}
         json.dump({"pad_token_id": 0, "eos_token_id": 1, **start}, f, indent=2)
     if spm_model:
-        write_tokenizer(spm_model, out_dir, llama=config.model.arch == "decoder")
+        write_tokenizer(spm_model, out_dir, llama=config.model.arch == "decoder",
+                        vocab_size=config.model.vocab_size)
     return out_dir
 
 
@@ -416,53 +433,88 @@ def _read_state(hf_dir):
     return state
 
 
-def _tokenizer_json(spm_model: str) -> str:
-    """The SentencePiece model as a `tokenizers` Unigram with the same pieces,
-    scores, byte fallback and whitespace handling, so transformers tokenises
-    exactly as training did (its own spm converter assumes T5's normaliser,
-    which collapses spaces and drops newlines)."""
-    import sentencepiece as spm
-    from tokenizers import AddedToken, Tokenizer, decoders, models as tok_models, normalizers
-    sp = spm.SentencePieceProcessor(model_file=spm_model)
-    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    tok = Tokenizer(tok_models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=True))
-    # spm's identity normaliser with add_dummy_prefix: one leading "\u2581", spaces escaped.
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
-                                           normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    specials = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    user = [sp.id_to_piece(i) for i in range(sp.get_piece_size())
-            if sp.id_to_piece(i).startswith("<extra_id_") or sp.id_to_piece(i) in ("[NLU]", "[NLG]", "[S2S]")]
-    # Matched in the normalised text, as spm matches user-defined pieces.
-    tok.add_tokens([AddedToken(t, special=False, normalized=True) for t in user])
+# SentencePiece piece types (sentencepiece_model.proto).
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
+T5_EXTRA_IDS = 100  # sentinels transformers' T5 tokenizers add to a model that has none
+
+
+def _tokenizer_json(spm_model: str, eos: bool, extra_ids: int = 0) -> str:
+    """The SentencePiece model as a `tokenizers` Unigram that encodes as
+    SentencePieceProcessor.encode does: the same pieces and scores, byte
+    fallback, the model's own normaliser settings (t5lab's keep every space and
+    newline; transformers' T5 converter assumes T5's, which collapses spaces and
+    drops newlines), one dummy "\u2581" in front of the text, and user-defined
+    pieces ([NLU], <extra_id_3>) emitted whole wherever they occur. They stay
+    model pieces, as in SentencePiece and in transformers' own converter: as
+    added tokens, `tokenizers` would match them either in the normalised text
+    with the dummy prefix applied to them ("\u2581[NLU]", swallowing a "\u2581")
+    or in the raw text, giving each chunk after one its own dummy prefix.
+    `eos` appends </s> to every sequence, as T5's tokenizer does and as every
+    t5lab training input ends; `extra_ids` appends T5's sentinels (user-defined
+    pieces, <extra_id_0> the highest id) to a model that has none."""
+    import re
+
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models as tok_models, normalizers,
+                            pre_tokenizers, processors)
+    proto = model_pb2.ModelProto()
+    with open(spm_model, "rb") as f:
+        proto.ParseFromString(f.read())
+    pieces, spec, trainer = proto.pieces, proto.normalizer_spec, proto.trainer_spec
+    # T5's sentinels for a model without them: user-defined pieces after the others, <extra_id_0> last.
+    extra = [f"<extra_id_{i}>" for i in reversed(range(extra_ids))]
+    tok = Tokenizer(tok_models.Unigram([(p.piece, p.score) for p in pieces] + [(e, 0.0) for e in extra],
+                                       unk_id=trainer.unk_id, byte_fallback=trainer.byte_fallback))
+    norm = []
+    if spec.precompiled_charsmap:
+        norm.append(normalizers.Precompiled(spec.precompiled_charsmap))
+    if spec.remove_extra_whitespaces:
+        norm += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.add_dummy_prefix:  # once, in front of the whole text: normalizers see it before any split
+        norm.append(normalizers.Prepend("\u2581"))
+    if spec.escape_whitespaces:
+        norm.append(normalizers.Replace(" ", "\u2581"))
+    tok.normalizer = normalizers.Sequence(norm)
+    user = sorted([p.piece for p in pieces if p.type == _USER_DEFINED] + extra, key=len, reverse=True)
+    if user:  # SentencePiece always emits these whole: isolate them for the Viterbi search
+        pattern = "|".join(re.escape(u.replace(" ", "\u2581") if spec.escape_whitespaces else u) for u in user)
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if spec.add_dummy_prefix:
+        dec.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(dec)
+    # </s>, <pad>, <unk> are special: matched in the raw text, as transformers does for every model.
+    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in pieces
+                            if p.type in (_CONTROL, _UNKNOWN)])
+    if eos and trainer.eos_id >= 0:
+        eos_piece = pieces[trainer.eos_id].piece
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos_piece}", pair=f"$A {eos_piece} $B {eos_piece}",
+            special_tokens=[(eos_piece, trainer.eos_id)])
     return tok.to_str()
 
 
-def write_tokenizer(spm_model: str, out_dir: str, llama: bool = False):
-    """Tokenizer files from a SentencePiece model: tokenizer.json (exact), plus the
-    .model file and a config for T5Tokenizer or LlamaTokenizer with T5's special
-    tokens (pad 0, eos 1, unk 2)."""
+def write_tokenizer(spm_model: str, out_dir: str, llama: bool = False, vocab_size: int | None = None):
+    """Tokenizer files from a SentencePiece model: tokenizer.json (exact, loaded by
+    AutoTokenizer as PreTrainedTokenizerFast), the .model file, and a config with
+    T5's special tokens (pad 0, eos 1, unk 2). T5 models append </s> to every
+    text, Llama ones add nothing (no BOS in t5lab, no EOS in a prompt). A T5
+    model's SentencePiece model without sentinels gets T5's 100 <extra_id_*>
+    after its pieces, as transformers' T5 tokenizer gives it, when they fit in
+    `vocab_size` (the model's embedding rows; None: unchecked)."""
     with open(spm_model, "rb") as f:
         proto = f.read()
-    # T5Tokenizer appends <extra_id_*> sentinels unless the model already has them.
-    extra_ids = 0 if b"<extra_id_0>" in proto else 100
+    import sentencepiece as spm
+    size = spm.SentencePieceProcessor(model_file=spm_model).get_piece_size()
+    extra_ids = 0
+    if not llama and b"<extra_id_0>" not in proto and (vocab_size is None or size + T5_EXTRA_IDS <= vocab_size):
+        extra_ids = T5_EXTRA_IDS
     special = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
-    if llama:
-        shutil.copyfile(spm_model, os.path.join(out_dir, "tokenizer.model"))
-        tok = {"tokenizer_class": "PreTrainedTokenizerFast" if extra_ids == 0 else "LlamaTokenizer",
-               "add_bos_token": False, "add_eos_token": False, "bos_token": None, "legacy": False,
-               **special}
-    else:
-        shutil.copyfile(spm_model, os.path.join(out_dir, "spiece.model"))
-        # transformers' T5Tokenizer rebuilds T5's normaliser from spiece.model; the
-        # generic class reads tokenizer.json as written.
-        tok = {"tokenizer_class": "PreTrainedTokenizerFast" if extra_ids == 0 else "T5Tokenizer",
-               "extra_ids": extra_ids, **special}
-    if extra_ids == 0:
-        with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
-            f.write(_tokenizer_json(spm_model))
+    shutil.copyfile(spm_model, os.path.join(out_dir, "tokenizer.model" if llama else "spiece.model"))
+    # transformers 5 ignores add_eos_token beside a tokenizer.json: its post-processor appends </s>.
+    tok = {"tokenizer_class": "PreTrainedTokenizerFast", **special}
+    with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+        f.write(_tokenizer_json(spm_model, eos=not llama, extra_ids=extra_ids))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(tok, f, indent=2)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:

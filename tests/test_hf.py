@@ -21,7 +21,7 @@ ODD = dict(d_model=40, num_heads=3, head_dim=12, d_ff=100, vocab_size=128, num_l
 CASES = {
     "t5": dict(ODD, arch="encoder_decoder", num_decoder_layers=3, activation="gelu_tanh"),
     "t5_tied_silu": dict(ODD, arch="encoder_decoder", activation="silu", tie_embeddings=True),
-    # d_model 64: the umT5 head folds sqrt(d_model)=8, exact in float32.
+    # Per-layer relative bias; transformers >= 5.24 leaves its untied head unscaled.
     "umt5": dict(ODD, arch="encoder_decoder", d_model=64, relpos_per_layer=True),
     "encoder": dict(ODD, arch="encoder", activation="relu", gated_mlp=False),
     # LlamaConfig insists d_model % num_heads == 0 (head_dim*heads is still != d_model).
@@ -152,6 +152,24 @@ def test_hf_random_model_imports_and_reexports_identically(case, tmp_path):
     if config.model.arch == "encoder" and config.model.tie_embeddings:
         got = got * config.model.d_model ** 0.5  # hidden includes the tied head's scale
     assert np.abs(got - want)[valid].max() < 1e-4
+
+
+def test_untied_head_stays_untied_through_transformers_save_and_reload(case, tmp_path):
+    """transformers 5 declares every T5's head tied to `shared` (and warns on
+    load that the checkpoint's differs); it keeps the checkpoint's head."""
+    config = case["config"]
+    if config.model.tie_embeddings or config.model.arch == "encoder":
+        pytest.skip("no untied head in transformers' model")
+    model = case["hf_model"]
+    want, valid = hf_forward(model, config, case["batch"])
+    model.save_pretrained(tmp_path / "resaved")
+    for m in (model, case["cls"].from_pretrained(tmp_path / "resaved").eval()):
+        head, emb = m.get_output_embeddings().weight, m.get_input_embeddings().weight
+        assert head.data_ptr() != emb.data_ptr() and not torch.equal(head, emb)
+        got, _ = hf_forward(m, config, case["batch"])
+        assert np.array_equal(got, want)
+    ours = np.asarray(case["fwd"](case["params"], case["batch"], False))
+    assert np.abs(ours - want)[valid].max() < 1e-4
 
 
 @pytest.mark.parametrize("field,value,arch", [
