@@ -175,7 +175,7 @@ class Checkpoints:
                                      f"config does not build (a different architecture).")
 
     def restore_data(self, step: int) -> dict:
-        """The saved data state: {"fingerprint": {...}, "lanes": [[start, taken], ...]}."""
+        """The saved data state: {"fingerprint": {...}, "lanes": [[start, taken, part], ...]}."""
         if not self.save_data:
             return {}
         try:

@@ -174,7 +174,7 @@ def _data_state(data_iter, fingerprint: dict) -> dict:
         raise OverflowError("data position beyond int32")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
-        lanes = np.asarray(multihost_utils.process_allgather(lanes.astype(np.int32))).reshape(-1, 2)
+        lanes = np.asarray(multihost_utils.process_allgather(lanes.astype(np.int32))).reshape(-1, lanes.shape[1])
     return {"fingerprint": fingerprint, "lanes": lanes.tolist()}
 
 
