@@ -17,6 +17,7 @@ ARCHS = ("encoder_decoder", "decoder", "encoder")
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+ATTENTIONS = ("auto", "xla", "dpa", "cudnn", "flash")
 # The model keys that decide the parameters' shapes and meaning: a checkpoint
 # (t5lab's or Hugging Face's) holds a model only for its values of these.
 ARCH_KEYS = ("arch", "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers",
@@ -51,6 +52,7 @@ def schema() -> ml_collections.ConfigDict:
     m.scan_layers = False        # nn.scan over layers: fast compiles for deep models
     m.scan_unroll = 1            # layers per loop iteration when scanned (compile time vs. speed)
     m.remat_policy = "none"      # one of REMAT_POLICIES
+    m.attention = "auto"         # auto | xla | dpa | cudnn | flash (t5lab/models/attention.py)
 
     # ----------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
@@ -177,6 +179,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} is not one of {DTYPES}")
     _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
              f"{m.remat_policy!r} is not one of {REMAT_POLICIES}")
+    _require(m.attention in ATTENTIONS, "model.attention", f"{m.attention!r} is not one of {ATTENTIONS}")
+    _require(m.attention in ("auto", "xla") or m.dropout_rate == 0, "model.attention",
+             f"{m.attention} applies no attention dropout; use model.attention=xla or model.dropout_rate=0")
     _require(m.scan_unroll >= 1, "model.scan_unroll", f"must be >= 1, got {m.scan_unroll}")
     _require(0.0 <= m.dropout_rate < 1.0, "model.dropout_rate", "must be in [0, 1)")
     _require(m.relpos_buckets > 0 and m.relpos_max_distance > 0, "model.relpos_buckets",

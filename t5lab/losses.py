@@ -8,7 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from t5lab.reductions import row_max as _row_max
+from t5lab.cpu_kernels import row_max as _row_max
 
 
 def target_names(arch: str) -> tuple[str, str]:

@@ -6,7 +6,6 @@ compute happens in `dtype`, with norms and softmax in float32.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -14,7 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5lab.reductions import softmax
+from t5lab import cpu_kernels
+from t5lab.cpu_kernels import compiling_for_cpu, softmax
+from t5lab.models import attention as attn
 
 F32 = jnp.float32
 # A large finite negative (not -inf) so a fully masked row (an all-padding query)
@@ -41,45 +42,14 @@ def fan_in_init(scale: float = 1.0, in_axis=-2, out_axis=-1, distribution="trunc
                                             in_axis=in_axis, out_axis=out_axis)
 
 
-def dense(x, kernels, n_in: int = 1):
+def dense(x, kernels, n_in: int = 1, cpu_vjp: bool = True):
     """x [..., in] contracted with each kernel [in..., out...] over x's last
-    `n_in` dims (the kernels' first `n_in`): one output per kernel.
-
-    A hand-written VJP computes every kernel gradient as a plain 2-D
-    [in, tokens] @ [tokens, out] product from one shared transposed copy of the
-    input (or, when the outputs are narrower than the input, from transposed
-    output gradients): autodiff's einsum transposes let XLA transpose each wide
-    output gradient, e.g. both [tokens, d_ff] gated-MLP gradients, per kernel."""
-    return _dense(n_in, x, *kernels)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dense(n_in, x, *kernels):
-    lead, width = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
-    x2 = x.reshape(-1, width)
-    return tuple((x2 @ k.reshape(width, -1)).reshape(*lead, *k.shape[n_in:]) for k in kernels)
-
-
-def _dense_fwd(n_in, x, *kernels):
-    return _dense(n_in, x, *kernels), (x, kernels)
-
-
-def _dense_bwd(n_in, res, gs):
-    x, kernels = res
-    width = math.prod(x.shape[x.ndim - n_in:])
-    x2 = x.reshape(-1, width)
-    g2 = [g.reshape(x2.shape[0], -1).astype(x.dtype) for g in gs]
-    dx = sum(jnp.einsum("nm,dm->nd", g, k.reshape(width, -1)) for g, k in zip(g2, kernels))
-    if width <= sum(g.shape[1] for g in g2):
-        xt = x2.T
-        dks = [xt @ g for g in g2]
-    else:
-        dks = [(g.T @ x2).T for g in g2]
-    return (dx.reshape(x.shape).astype(x.dtype),
-            *(dk.reshape(k.shape).astype(k.dtype) for dk, k in zip(dks, kernels)))
-
-
-_dense.defvjp(_dense_fwd, _dense_bwd)
+    `n_in` dims (the kernels' first `n_in`): one output per kernel. On CPU
+    (and when `cpu_vjp`: no dot-saving remat policy is active) this is
+    cpu_kernels.dense with its hand-written VJP; elsewhere plain dots."""
+    if cpu_vjp and compiling_for_cpu():
+        return cpu_kernels.dense(x, kernels, n_in)
+    return tuple(jnp.tensordot(x, k, axes=n_in) for k in kernels)
 
 
 class RMSNorm(nn.Module):
@@ -153,10 +123,12 @@ class RelativePositionBias(nn.Module):
     bidirectional: bool
 
     @nn.compact
-    def __call__(self, q_pos, k_pos):
+    def __call__(self, q_pos, k_pos, table_only: bool = False):
         table = param(self, "rel_embedding",
                       nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
                       (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
+        if table_only:  # the flash kernel builds the bias itself
+            return table
         rel = k_pos[:, None, :] - q_pos[:, :, None]
         buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
         # A one-hot contraction rather than a gather (as t5x does): the gather's
@@ -181,19 +153,18 @@ def apply_rope(x, positions, theta: float):
 
 
 class HeadsProjection(nn.Module):
-    """x [B, T, embed] -> [B, T, heads, kv] with kernel [embed, heads, kv]."""
+    """The kernel [embed, heads, kv] of a q, k or v projection; Attention
+    applies the kernels of one input in one `dense`, whose CPU backward pass
+    then transposes that input once."""
     num_heads: int
     head_dim: int
     kernel_init: Callable
     dtype: Any = F32
 
     @nn.compact
-    def __call__(self, x, kernel_only: bool = False):
-        kernel = param(self, "kernel", self.kernel_init, (x.shape[-1], self.num_heads, self.head_dim),
-                       ("embed", "heads", "kv")).astype(self.dtype)
-        if kernel_only:  # Attention projects q, k, v from one input in one `dense`
-            return kernel
-        return constrain_heads(dense(x, [kernel])[0])
+    def __call__(self, x):
+        return param(self, "kernel", self.kernel_init, (x.shape[-1], self.num_heads, self.head_dim),
+                     ("embed", "heads", "kv")).astype(self.dtype)
 
 
 def constrain_heads(y):
@@ -204,21 +175,26 @@ class OutputProjection(nn.Module):
     """[B, T, heads, kv] -> [B, T, embed] with kernel [heads, kv, embed]."""
     features: int
     dtype: Any = F32
+    cpu_vjp: bool = True
 
     @nn.compact
     def __call__(self, y):
         kernel = param(self, "kernel", fan_in_init(1.0, (0, 1), 2, "normal"),
                        (y.shape[-2], y.shape[-1], self.features), ("heads", "kv", "embed"))
-        return dense(y, [kernel.astype(self.dtype)], n_in=2)[0]
+        return dense(y, [kernel.astype(self.dtype)], n_in=2, cpu_vjp=self.cpu_vjp)[0]
 
 
 class Attention(nn.Module):
     """Multi-head attention. T5 style (scale_logits=False) leaves logits unscaled
     and folds 1/sqrt(head_dim) into the query init; Llama style scales logits.
 
-    mask: bool, broadcastable to [B, H, Q, K], or None; bias: float32, broadcastable
-    to [B, H, Q, K], or None. Stacks fold the mask into the bias once
-    (`additive_mask`), so each layer does one add and its backward pass no select.
+    What `mask` and `bias` are depends on the implementation (models/attention.py):
+    `xla`: mask bool or None, bias float32 broadcastable to [B, H, Q, K] (stacks
+    fold the mask into the bias once, `additive_mask`, so each layer does one add
+    and its backward pass no select); `dpa`/`cudnn`: mask bool [B|1, 1, Q, K],
+    bias the relative bias [1, H, Q, K] or None; `flash`: mask an
+    `attention.Masking`, bias the relative-bias table [H, buckets] or None, with
+    `relpos` = (bidirectional, buckets, max_distance).
     In decode mode keys/values are written into a fixed-size 'cache' at
     `cache_index` (shapes never change, so one compiled step serves all steps)."""
     num_heads: int
@@ -227,6 +203,9 @@ class Attention(nn.Module):
     dropout_rate: float = 0.0
     scale_logits: bool = False
     rope_theta: float | None = None   # None: no rotary embedding
+    implementation: str = "xla"       # resolved: xla | dpa | cudnn | flash
+    relpos: tuple | None = None
+    cpu_vjp: bool = True
 
     @nn.compact
     def __call__(self, x_q, x_kv, mask, bias=None, q_pos=None, k_pos=None,
@@ -236,12 +215,11 @@ class Attention(nn.Module):
         q_proj = HeadsProjection(h, dh, fan_in_init(q_scale, 0, (1, 2), "normal"), self.dtype, name="query")
         k_proj = HeadsProjection(h, dh, fan_in_init(1.0, 0, (1, 2), "normal"), self.dtype, name="key")
         v_proj = HeadsProjection(h, dh, fan_in_init(1.0, 0, (1, 2), "normal"), self.dtype, name="value")
-        # Projections of one input share one `dense`: its backward pass transposes that input once.
         if x_kv is x_q:
-            q, k, v = dense(x_q, [q_proj(x_q, True), k_proj(x_q, True), v_proj(x_q, True)])
+            q, k, v = dense(x_q, [q_proj(x_q), k_proj(x_q), v_proj(x_q)], cpu_vjp=self.cpu_vjp)
         else:
-            q = dense(x_q, [q_proj(x_q, True)])[0]
-            k, v = dense(x_kv, [k_proj(x_kv, True), v_proj(x_kv, True)])
+            q = dense(x_q, [q_proj(x_q)], cpu_vjp=self.cpu_vjp)[0]
+            k, v = dense(x_kv, [k_proj(x_kv), v_proj(x_kv)], cpu_vjp=self.cpu_vjp)
         q, k, v = constrain_heads(q), constrain_heads(k), constrain_heads(v)
         if self.rope_theta is not None:
             q = apply_rope(q, q_pos, self.rope_theta)
@@ -257,18 +235,29 @@ class Attention(nn.Module):
                 v = jax.lax.dynamic_update_slice(cached_v.value, v, start)
                 cached_k.value, cached_v.value = k, v
 
-        if self.scale_logits:
-            q = q * jnp.asarray(dh ** -0.5, q.dtype)
+        scale = dh ** -0.5 if self.scale_logits else 1.0
+        impl = "xla" if decode else self.implementation
+        if impl == "xla":
+            y = self._xla(q, k, v, mask, bias, scale, deterministic)
+        elif impl == "flash":
+            y = attn.flash(q, k, v, mask, bias, relpos=self.relpos, scale=scale)
+        else:
+            y = attn.dot_product(q, k, v, mask, bias, scale=scale,
+                                 implementation="cudnn" if impl == "cudnn" else "xla")
+        y = nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
+        return OutputProjection(x_q.shape[-1], self.dtype, self.cpu_vjp, name="out")(y)
+
+    def _xla(self, q, k, v, mask, bias, scale, deterministic):
+        if scale != 1.0:
+            q = q * jnp.asarray(scale, q.dtype)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=F32)
         if bias is not None:
             logits = logits + bias
         if mask is not None:
             logits = jnp.where(mask, logits, MASK_VALUE)
-        weights = softmax(logits)  # t5lab.reductions: a fast max-shift on CPU
+        weights = softmax(logits)  # t5lab.cpu_kernels: a fast max-shift on CPU
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-        y = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
-        y = nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
-        return OutputProjection(x_q.shape[-1], self.dtype, name="out")(y)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(self.dtype), v)
 
 
 def additive_mask(mask):
@@ -278,39 +267,6 @@ def additive_mask(mask):
     return jnp.where(mask, 0.0, MASK_VALUE).astype(F32)
 
 
-_GELU_C2 = 2.0 * math.sqrt(2.0 / math.pi)   # gelu_tanh(a) = a * sigmoid(2u),
-_GELU_K = 0.044715                          # u = sqrt(2/pi) (a + 0.044715 a^3)
-
-
-def _gelu_gate_sigmoid(a):
-    return jax.nn.sigmoid(a * (_GELU_C2 + (_GELU_C2 * _GELU_K) * (a * a)))
-
-
-@jax.custom_vjp
-def gelu_tanh_gate(a, b):
-    """gelu_tanh(a) * b (HF "gelu_new" gating) as a * sigmoid(2u) * b, with a
-    hand-written VJP that keeps the sigmoid: autodiff of the tanh formula costs
-    about twice the elementwise work (and XLA duplicates parts of it into
-    several fusions)."""
-    return a * _gelu_gate_sigmoid(a) * b
-
-
-def _gelu_gate_fwd(a, b):
-    s = _gelu_gate_sigmoid(a)
-    return a * s * b, (a, b, s)
-
-
-def _gelu_gate_bwd(res, g):
-    a, b, s = res
-    gb = g * b
-    # d/da a s(v) = s + a s (1 - s) v',  v' = 2c (1 + 3 k a^2)
-    dact = s + a * (s * (1.0 - s)) * (_GELU_C2 + (3.0 * _GELU_C2 * _GELU_K) * (a * a))
-    return (gb * dact).astype(a.dtype), (g * (a * s)).astype(b.dtype)
-
-
-gelu_tanh_gate.defvjp(_gelu_gate_fwd, _gelu_gate_bwd)
-
-
 class Mlp(nn.Module):
     """T5 feed-forward: gated act(x wi_0) * (x wi_1) or plain act(x wi), then wo."""
     d_ff: int
@@ -318,6 +274,7 @@ class Mlp(nn.Module):
     gated: bool = True
     dtype: Any = F32
     dropout_rate: float = 0.0
+    cpu_vjp: bool = True
 
     @nn.compact
     def __call__(self, x, deterministic=True):
@@ -326,13 +283,14 @@ class Mlp(nn.Module):
         names = ("wi_0", "wi_1") if self.gated else ("wi",)
         kernels = [param(self, n, fan_in_init(), (d, self.d_ff), ("embed", "mlp")).astype(self.dtype)
                    for n in names]
-        # One `dense` for both gated inputs: its backward pass transposes x once.
-        pre = [nn.with_logical_constraint(y, ("batch", "length", "mlp")) for y in dense(x, kernels)]
+        # One `dense` for both gated inputs: its CPU backward pass transposes x once.
+        pre = [nn.with_logical_constraint(y, ("batch", "length", "mlp"))
+               for y in dense(x, kernels, cpu_vjp=self.cpu_vjp)]
         act = ACTIVATIONS[self.activation]
-        if self.gated and self.activation == "gelu_tanh":
-            hidden = gelu_tanh_gate(*pre)
+        if self.gated and self.activation == "gelu_tanh" and compiling_for_cpu():
+            hidden = cpu_kernels.gelu_tanh_gate(*pre)
         else:
             hidden = act(pre[0]) * pre[1] if self.gated else act(pre[0])
         hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
         wo = param(self, "wo", fan_in_init(), (self.d_ff, d), ("mlp", "embed"))
-        return dense(hidden, [wo.astype(self.dtype)])[0]
+        return dense(hidden, [wo.astype(self.dtype)], cpu_vjp=self.cpu_vjp)[0]

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from t5lab.models import attention as attn
 from t5lab.models.layers import (F32, Attention, DenseHead, Embed, Mlp, RelativePositionBias, RMSNorm,
                                  additive_mask)
 
@@ -60,11 +61,13 @@ class ModelConfig:
     scan_layers: bool
     scan_unroll: int
     remat_policy: str
+    attention: str = "auto"
 
     @classmethod
     def from_config(cls, config) -> "ModelConfig":
         m = config.model if "model" in config else config
-        values = {f.name: m[f.name] for f in dataclasses.fields(cls)}
+        values = {f.name: m[f.name] for f in dataclasses.fields(cls)
+                  if f.name in m or f.default is dataclasses.MISSING}
         if values["num_decoder_layers"] == -1:
             values["num_decoder_layers"] = values["num_layers"]
         return cls(**values)
@@ -72,6 +75,12 @@ class ModelConfig:
     @property
     def compute_dtype(self):
         return jnp.bfloat16 if self.dtype == "bfloat16" else F32
+
+    @property
+    def cpu_vjp(self) -> bool:
+        """Whether layers may use cpu_kernels' hand-written VJPs: not under a
+        remat policy that saves dots, which those VJPs would hide."""
+        return self.remat_policy not in ("dots", "dots_no_batch")
 
 
 def constrain(x):
@@ -85,35 +94,42 @@ class Layer(nn.Module):
     cross: bool
     deterministic: bool
     decode: bool
+    implementation: str = "xla"   # resolved by the stack (models/attention.py)
 
     @nn.compact
-    def __call__(self, x, bias, rel_bias, q_pos, k_pos, encoded, cross_mask, cache_index):
-        cfg, dt = self.cfg, self.cfg.compute_dtype
+    def __call__(self, x, mask, rel_bias, q_pos, k_pos, encoded, cross_mask, cache_index):
+        cfg, dt, impl = self.cfg, self.cfg.compute_dtype, self.implementation
         drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
         rope = cfg.position == "rope"
-        # bias: the additive self-attention mask; rel_bias: the stack's shared relative
-        # bias [1, H, Q, K] or None. They meet here, per layer, so each layer reduces
-        # its own logits gradient over the batch for rel_bias, instead of every
-        # layer's [B, H, Q, K] gradient being summed and held until after the stack.
+        relpos = (not self.causal, cfg.relpos_buckets, cfg.relpos_max_distance)
+        # mask: for `xla` the additive self-attention mask, else what the
+        # implementation takes; rel_bias: the stack's shared relative bias
+        # [1, H, Q, K] (the table [H, buckets] for `flash`) or None. For `xla`
+        # they meet here, per layer, so each layer reduces its own logits gradient
+        # over the batch for rel_bias, instead of every layer's [B, H, Q, K]
+        # gradient being summed and held until after the stack.
         if cfg.relpos_per_layer:
             rel_bias = RelativePositionBias(cfg.num_heads, cfg.relpos_buckets, cfg.relpos_max_distance,
-                                            not self.causal, name="relpos")(q_pos, k_pos)
-        if rel_bias is not None:
-            bias = bias + rel_bias
-        attention = lambda name: Attention(cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate,
-                                           scale_logits=rope, rope_theta=cfg.rope_theta if rope else None,
-                                           name=name)
+                                            not self.causal, name="relpos")(q_pos, k_pos, impl == "flash")
+        bias = rel_bias
+        if impl == "xla":
+            mask, bias = None, mask if rel_bias is None else mask + rel_bias
+        attention = lambda name, cross=False: Attention(
+            cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate,
+            scale_logits=rope and not cross, rope_theta=cfg.rope_theta if rope and not cross else None,
+            implementation=impl, relpos=None if cross else relpos, cpu_vjp=cfg.cpu_vjp, name=name)
         h = RMSNorm(cfg.norm_eps, dt, name="pre_attention_norm")(x)
-        h = attention("self_attention")(h, h, None, bias, q_pos, k_pos, self.deterministic,
+        h = attention("self_attention")(h, h, mask, bias, q_pos, k_pos, self.deterministic,
                                         self.decode, cache_index)
         x = constrain(x + drop(checkpoint_name(h, "attention_out")))
         if self.cross:
             h = RMSNorm(cfg.norm_eps, dt, name="pre_cross_attention_norm")(x)
-            cross = Attention(cfg.num_heads, cfg.head_dim, dt, cfg.dropout_rate, name="cross_attention")
-            h = cross(h, encoded, None, cross_mask, deterministic=self.deterministic)
+            cross_args = (None, cross_mask) if impl == "xla" else (cross_mask, None)
+            h = attention("cross_attention", cross=True)(h, encoded, *cross_args,
+                                                         deterministic=self.deterministic)
             x = constrain(x + drop(checkpoint_name(h, "attention_out")))
         h = RMSNorm(cfg.norm_eps, dt, name="pre_mlp_norm")(x)
-        h = Mlp(cfg.d_ff, cfg.activation, cfg.gated_mlp, dt, cfg.dropout_rate, name="mlp")(
+        h = Mlp(cfg.d_ff, cfg.activation, cfg.gated_mlp, dt, cfg.dropout_rate, cfg.cpu_vjp, name="mlp")(
             h, deterministic=self.deterministic)
         x = constrain(x + drop(checkpoint_name(h, "mlp_out")))
         return x, None
@@ -132,10 +148,11 @@ class Stack(nn.Module):
 
     @nn.compact
     def __call__(self, x, key_valid=None, segment_ids=None, positions=None, prefix=None,
-                 encoded=None, cross_mask=None, deterministic=True, decode=False):
+                 encoded=None, cross: attn.Masking | None = None, deterministic=True, decode=False):
         cfg = self.cfg
         b, t = x.shape[:2]
         cache_index = None
+        impl = attn.resolve(cfg.attention, cfg.compute_dtype, decode, cfg.dropout_rate)
         if decode:
             initialized = self.has_variable("cache", "index")
             index_var = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
@@ -161,43 +178,41 @@ class Stack(nn.Module):
                 # one [1, H, T, T] bias serves every row, and its gradient needs no
                 # per-row work.
                 q_pos = k_pos = jnp.arange(t)[None]
-            mask = jnp.ones((1, 1, t, t), jnp.bool_)
-            if self.causal:
-                idx = jnp.arange(t)
-                mask = (idx[None, :] <= idx[:, None])[None, None]
-                if prefix is not None:
-                    p = prefix.astype(jnp.bool_)
-                    mask = mask | (p[:, None, :, None] & p[:, None, None, :])
-            if key_valid is not None:
-                mask = mask & key_valid[:, None, None, :]
-            if segment_ids is not None:
-                mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+            mask = attn.Masking(segment_ids, segment_ids, key_valid, prefix, self.causal)
+        cross_mask = cross
+        if impl != "flash":
+            if not decode:
+                mask = attn.dense_mask(mask, t, t)
+            if cross is not None:
+                cross_mask = attn.dense_mask(cross, t, encoded.shape[1])
 
         rel_bias = None
         if cfg.position == "relative" and not cfg.relpos_per_layer:
             rel_bias = RelativePositionBias(cfg.num_heads, cfg.relpos_buckets, cfg.relpos_max_distance,
-                                            not self.causal, name="relpos")(q_pos, k_pos)
-        # The mask becomes an additive bias once per stack: layers add it (no select
-        # forward, none backward).
-        bias = additive_mask(mask)
-        if cross_mask is not None:
-            cross_mask = additive_mask(cross_mask)
+                                            not self.causal, name="relpos")(q_pos, k_pos, impl == "flash")
+        if impl == "xla":
+            # The mask becomes an additive bias once per stack: layers add it (no
+            # select forward, none backward).
+            mask = additive_mask(mask)
+            if cross_mask is not None:
+                cross_mask = additive_mask(cross_mask)
 
         x = constrain(nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic))
         layer = Layer
         if cfg.remat_policy != "none" and not decode:
             layer = nn.remat(Layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-        args = (bias, rel_bias, q_pos, k_pos, encoded, cross_mask, cache_index)
+        args = (mask, rel_bias, q_pos, k_pos, encoded, cross_mask, cache_index)
         if cfg.scan_layers:
             scanned = nn.scan(layer, variable_axes={"params": 0, "cache": 0},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
                               unroll=cfg.scan_unroll,
                               metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = scanned(cfg, self.causal, self.cross, deterministic, decode, name="layers")(x, *args)
+            x, _ = scanned(cfg, self.causal, self.cross, deterministic, decode, impl, name="layers")(x, *args)
         else:
             for i in range(self.num_layers):
-                x, _ = layer(cfg, self.causal, self.cross, deterministic, decode, name=f"layers_{i}")(x, *args)
+                x, _ = layer(cfg, self.causal, self.cross, deterministic, decode, impl,
+                             name=f"layers_{i}")(x, *args)
         x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
         return constrain(nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic))
 
@@ -248,12 +263,11 @@ class EncoderDecoder(_WithHead):
                return_hidden=False):
         """Decoder logits given encoder output. Padding in decoder inputs needs no
         key mask: it only ever follows real tokens, which causality already hides."""
-        cross_mask = (encoder_input_tokens > 0)[:, None, None, :]
-        if decoder_segment_ids is not None and encoder_segment_ids is not None:
-            cross_mask = cross_mask & (decoder_segment_ids[:, None, :, None]
-                                       == encoder_segment_ids[:, None, None, :])
+        packed = decoder_segment_ids is not None and encoder_segment_ids is not None
+        cross = attn.Masking(decoder_segment_ids if packed else None,
+                             encoder_segment_ids if packed else None, encoder_input_tokens > 0)
         x = self.token_embedder(decoder_input_tokens)
-        x = self.decoder(x, None, decoder_segment_ids, decoder_positions, None, encoded, cross_mask,
+        x = self.decoder(x, None, decoder_segment_ids, decoder_positions, None, encoded, cross,
                          deterministic, decode)
         return self.finish(x, return_hidden)
 

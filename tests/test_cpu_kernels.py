@@ -1,4 +1,4 @@
-"""The folded row max equals jnp.max bit for bit; the softmax built on it
+"""cpu_kernels: the folded row max equals jnp.max bit for bit; the softmax built on it
 equals jax.nn.softmax in value and gradient; the cross-entropy folds the
 vocabulary only where it is not split across devices."""
 import flax.linen as nn
@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 
 from t5lab import losses, sharding
 from t5lab.models.layers import MASK_VALUE
-from t5lab.reductions import row_max, softmax
+from t5lab.cpu_kernels import gelu_tanh_gate, row_max, softmax
 
 
 @pytest.mark.parametrize("width", [256, 4016, 96, 50, 31])
@@ -87,3 +87,14 @@ def test_row_max_halves_only_for_cpu():
     from jax.experimental import topologies
     tpu = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
     assert _halvings(Mesh(np.array(tpu[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))) == 0
+
+
+def test_gelu_gate_matches_autodiff():
+    a = jax.random.normal(jax.random.key(1), (64, 33)) * 3
+    b = jax.random.normal(jax.random.key(2), (64, 33))
+    c = jax.random.normal(jax.random.key(3), (64, 33))
+    ref = lambda a, b: jnp.sum(jax.nn.gelu(a, approximate=True) * b * c)
+    new = lambda a, b: jnp.sum(gelu_tanh_gate(a, b) * c)
+    np.testing.assert_allclose(float(new(a, b)), float(ref(a, b)), rtol=1e-5)
+    for x, y in zip(jax.grad(ref, (0, 1))(a, b), jax.grad(new, (0, 1))(a, b)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,130 @@
+"""Attention implementations behind one function, chosen by `model.attention`.
+
+- `xla`: einsum logits in float32, an additive bias (mask and relative bias
+  folded together), softmax, einsum. The reference; the only one with
+  attention dropout and the one decoding uses.
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's
+  fused attention on NVIDIA GPUs, T5's relative bias ([1, H, Q, K], shared
+  by the batch) and the boolean mask passed in. `dpa` is the same call with
+  XLA's implementation: it runs anywhere, so CPU tests cover the code path.
+- `flash`: a Pallas TPU flash attention (t5lab/models/flash_tpu.py) that
+  takes the relative-bias table and segment ids, so no [B, H, Q, K] array is
+  ever formed.
+- `auto`: `flash` on TPU, `cudnn` on GPU for bfloat16/float16 compute, else
+  `xla`.
+
+Fused kernels need the mask as vectors, not as a dense [B, 1, Q, K] array:
+`Masking` carries segment ids, key validity, causality and the prefix-LM
+prefix, and `dense_mask` builds the dense mask for those that take one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+F32 = jnp.float32
+IMPLEMENTATIONS = ("auto", "xla", "dpa", "cudnn", "flash")
+# Set by tests only: run the Pallas kernel in interpret mode on CPU.
+FLASH_INTERPRET = False
+
+
+@struct.dataclass
+class Masking:
+    """Which keys a query may see: same segment (when segment ids are given),
+    a valid key, key <= query when causal, except that prefix positions see
+    each other (prefix LM). Arrays are [B, Q] or [B, K]; None means no
+    constraint of that kind."""
+    q_segments: Any = None
+    kv_segments: Any = None
+    kv_valid: Any = None
+    prefix: Any = None
+    causal: bool = struct.field(pytree_node=False, default=False)
+
+
+def dense_mask(m: Masking, q_len: int, k_len: int):
+    """bool, broadcastable to [B, 1, Q, K] (no larger than its constraints
+    need): True where attention is allowed."""
+    mask = jnp.ones((1, 1, 1, k_len), jnp.bool_)
+    if m.causal:
+        mask = (jnp.arange(k_len)[None, :] <= jnp.arange(q_len)[:, None])[None, None]
+        if m.prefix is not None:
+            p = m.prefix.astype(jnp.bool_)
+            mask = mask | (p[:, None, :, None] & p[:, None, None, :])
+    if m.kv_valid is not None:
+        mask = mask & m.kv_valid[:, None, None, :]
+    if m.q_segments is not None and m.kv_segments is not None:
+        mask = mask & (m.q_segments[:, None, :, None] == m.kv_segments[:, None, None, :])
+    return mask
+
+
+def compiling_platform() -> str:
+    """The platform the traced program is for: the current mesh's devices (a
+    TPU topology's when planning on a CPU host), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def resolve(name: str, dtype, decode: bool = False, dropout_rate: float = 0.0) -> str:
+    """The implementation `name` means for this program; raises ValueError
+    naming `model.attention` when it cannot run here."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention: {name!r} is not one of {IMPLEMENTATIONS}")
+    if decode:
+        return "xla"  # one query per step: nothing to fuse, and the cache's mask is dense
+    platform = compiling_platform()
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if name == "auto":
+        if dropout_rate > 0:
+            return "xla"
+        if platform == "tpu":
+            return "flash"
+        return "cudnn" if platform == "gpu" and half else "xla"
+    if name != "xla" and dropout_rate > 0:
+        raise ValueError(f"model.attention={name} applies no attention dropout; "
+                         f"use model.attention=xla or model.dropout_rate=0")
+    if name == "cudnn" and (platform != "gpu" or not half):
+        raise ValueError(f"model.attention=cudnn needs a CUDA GPU and model.dtype=bfloat16; "
+                         f"this program is for {platform} with {jnp.dtype(dtype).name}")
+    if name == "flash" and platform != "tpu" and not FLASH_INTERPRET:
+        raise ValueError(f"model.attention=flash is a TPU kernel; this program is for {platform}")
+    return name
+
+
+def dot_product(q, k, v, mask=None, bias=None, *, scale: float, implementation: str):
+    """`jax.nn.dot_product_attention` on [B, T, H, D] inputs. mask: bool,
+    broadcastable to [B, H, Q, K]; bias: float, broadcastable likewise (cuDNN
+    differentiates a bias only when it is shared by the batch, as T5's is)."""
+    if bias is not None:
+        bias = bias.astype(q.dtype)
+    if mask is not None and implementation == "cudnn":
+        # cuDNN folds the mask into the bias and wants its last two dims [Q, K].
+        mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                        implementation=implementation)
+
+
+def flash(q, k, v, masking: Masking, table=None, *, relpos=None, scale: float):
+    """The Pallas TPU kernel. table: [H, buckets] float32 relative-bias table
+    or None; relpos: (bidirectional, num_buckets, max_distance)."""
+    from t5lab.models import flash_tpu  # Pallas loads only for runs that use it
+
+    b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
+    ones = lambda t: jnp.ones((b, t), jnp.int32)
+    q_seg = masking.q_segments if masking.q_segments is not None else ones(tq)
+    kv_seg = masking.kv_segments if masking.kv_segments is not None else ones(tk)
+    if masking.kv_valid is not None:
+        # An invalid key matches no query: its segment id becomes -1.
+        kv_seg = jnp.where(masking.kv_valid, kv_seg, -1)
+    kwargs = {}
+    if table is not None:
+        bidirectional, num_buckets, max_distance = relpos
+        kwargs = dict(bias_table=table, bidirectional=bidirectional, num_buckets=num_buckets,
+                      max_distance=max_distance)
+    return flash_tpu.flash_attention(q, k, v, q_segment_ids=q_seg.astype(jnp.int32),
+                                     kv_segment_ids=kv_seg.astype(jnp.int32), causal=masking.causal,
+                                     q_prefix=masking.prefix, sm_scale=scale,
+                                     interpret=FLASH_INTERPRET, **kwargs)

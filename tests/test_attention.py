@@ -1,0 +1,99 @@
+"""model.attention: every implementation equals `xla` (logits and gradients)
+where it runs. On CPU that is `dpa` (jax.nn.dot_product_attention, the call
+`cudnn` makes, with XLA's implementation) and `flash` (the Pallas TPU kernel
+in interpret mode); `cudnn` itself needs a GPU (tools/gpu_bench.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5lab import models
+from t5lab.config import ConfigError, validate
+from t5lab.models import attention
+from test_models import ARCHS, init, make_config
+
+ENC, DEC = 24, 16
+
+
+def _packed_batch(arch: str, rng):
+    """Two packed segments and trailing padding per row; the decoder-only rows
+    carry a prefix-LM prefix."""
+    def row(width, lens):
+        toks, seg, pos = (np.zeros(width, np.int32) for _ in range(3))
+        start = 0
+        for i, n in enumerate(lens):
+            toks[start:start + n] = rng.integers(2, 100, n)
+            seg[start:start + n], pos[start:start + n] = i + 1, np.arange(n)
+            start += n
+        return toks, seg, pos
+
+    def rows(width, lens):
+        return [np.stack(a) for a in zip(*(row(width, l) for l in lens))]
+
+    if arch == "encoder_decoder":
+        et, es, ep = rows(ENC, [(9, 11), (14, 6)])
+        dt, ds, dp = rows(DEC, [(7, 6), (5, 8)])
+        return dict(encoder_input_tokens=et, encoder_segment_ids=es, encoder_positions=ep,
+                    decoder_input_tokens=dt, decoder_segment_ids=ds, decoder_positions=dp)
+    key = "encoder" if arch == "encoder" else "decoder"
+    t, s, p = rows(ENC, [(10, 9), (15, 7)])
+    out = {f"{key}_input_tokens": t, f"{key}_segment_ids": s, f"{key}_positions": p}
+    if arch == "decoder":
+        out["decoder_causal_attention"] = ((p < 4) & (s > 0)).astype(np.int32)
+    return out
+
+
+def _valid(arch, batch):
+    return batch["decoder_segment_ids" if arch != "encoder" else "encoder_segment_ids"] > 0
+
+
+def _loss_and_grads(config, params, batch, valid):
+    model = models.build(config)
+
+    def loss(p):
+        logits = model.apply({"params": p}, batch)
+        return jnp.sum(jnp.where(valid[..., None], logits, 0.0) ** 2) / 100
+
+    logits = jax.jit(lambda p: model.apply({"params": p}, batch))(params)
+    return np.asarray(logits), jax.jit(jax.grad(loss))(params)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("impl", ["dpa"])
+def test_implementation_equals_xla(arch, impl, scan, monkeypatch):
+    if impl == "flash":
+        monkeypatch.setattr(attention, "FLASH_INTERPRET", True)
+    kw = dict(ARCHS[arch], scan_layers=scan)
+    xla_cfg = make_config(ENC, DEC, attention="xla", **kw)
+    _, _, params = init(xla_cfg)
+    batch = _packed_batch(arch, np.random.default_rng(0))
+    valid = _valid(arch, batch)
+    ref_logits, ref_grads = _loss_and_grads(xla_cfg, params, batch, valid)
+    logits, grads = _loss_and_grads(make_config(ENC, DEC, attention=impl, **kw), params, batch, valid)
+    np.testing.assert_allclose(logits[valid], ref_logits[valid], atol=2e-5, rtol=1e-5)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_auto_resolves_per_platform_and_explicit_kernels_refuse_the_wrong_one():
+    assert attention.resolve("auto", jnp.bfloat16) == "xla"          # this CPU
+    assert attention.resolve("auto", jnp.bfloat16, decode=True) == "xla"
+    with pytest.raises(ValueError, match="model.attention=cudnn needs a CUDA GPU"):
+        attention.resolve("cudnn", jnp.bfloat16)
+    with pytest.raises(ValueError, match="model.attention=flash is a TPU kernel"):
+        attention.resolve("flash", jnp.float32)
+    config = make_config(attention="cudnn")
+    model = models.build(config)
+    with pytest.raises(ValueError, match="model.attention=cudnn"):
+        model.init(jax.random.key(0), models.dummy_batch(config, 1))
+
+
+def test_config_names_the_key():
+    config = make_config()
+    config.model.attention = "fused"
+    with pytest.raises(ConfigError, match="model.attention"):
+        validate(config)
+    config.model.attention, config.model.dropout_rate = "dpa", 0.1
+    with pytest.raises(ConfigError, match="model.attention"):
+        validate(config)
