@@ -116,6 +116,7 @@ def schema() -> ml_collections.ConfigDict:
     t.peak_tflops_per_device = 0.0  # for MFU; 0 uses a table by device kind
     t.stop_on_nonfinite = True   # a NaN/inf loss stops the run; the last good checkpoint stays
     t.stop_at_step = 0           # >0: save and stop there without changing the schedule (job time limits)
+    t.stop_check_every = 10      # multi-process: compare stop signals every N steps (each a host sync)
     t.allow_data_change = False  # resume although the data fingerprint changed: the stream restarts
 
     # ----------------------------------------------------------- checkpoint
@@ -199,6 +200,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 disables evaluation), got {t.eval_every}")
     _require(t.eval_every == 0 or t.eval_steps >= 1, "train.eval_steps",
              f"must be >= 1 while train.eval_every > 0, got {t.eval_steps}")
+    _require(t.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {t.stop_check_every}")
     _require(t.stop_at_step >= 0, "train.stop_at_step", f"must be >= 0 (0: run to train.steps), got {t.stop_at_step}")
     _require(t.peak_tflops_per_device >= 0, "train.peak_tflops_per_device", "must be >= 0 (0: by device kind)")
     _require(0 <= t.seed < 2**31, "train.seed", "must be in [0, 2**31)")

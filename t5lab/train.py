@@ -49,10 +49,12 @@ class RunInterrupted(Exception):
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop saves and exits at the next step."""
+    """SIGTERM/SIGINT set a flag; the loop saves and exits at the next step
+    (multi-process: at the next step the processes compare flags)."""
 
-    def __init__(self):
+    def __init__(self, check_every: int = 1):
         self.raised = None
+        self.check_every = check_every
         self._old = {}
 
     def __enter__(self):
@@ -67,11 +69,15 @@ class _StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def agreed(self) -> bool:
-        """All processes stop together: one process's signal stops them all."""
+    def agreed(self, step: int) -> bool:
+        """All processes stop together: one process's signal stops them all.
+        Comparing flags is a collective the host waits for, which drains the
+        step pipeline, so processes compare only every `check_every` steps."""
         mine = self.raised is not None
         if jax.process_count() == 1:
             return mine
+        if step % self.check_every:
+            return False
         from jax.experimental import multihost_utils
         return bool(np.any(multihost_utils.process_allgather(np.int32(mine))))
 
@@ -299,7 +305,7 @@ def _train(config, workdir, program, train_ds, tok_path, mesh, is_main, progress
         ckpts.save(step_now, state, _data_state(data_iter, fingerprint), force=force)
 
     # The signal handlers stay until the final save is sealed: a late SIGTERM cannot cut it.
-    with _StopFlag() as stop:
+    with _StopFlag(config.train.stop_check_every) as stop:
         try:
             step = start
             while step < end:
@@ -314,7 +320,7 @@ def _train(config, workdir, program, train_ds, tok_path, mesh, is_main, progress
                     ev = evaluate(config, program, state["params"], tok_path, names)
                     writer.write(step, ev)
                     bar.message(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
-                if stop.agreed():
+                if stop.agreed(step):
                     save(step, force=True)
                     raise RunInterrupted(stop.raised or "SIGTERM", step,
                                          f"{stop.raised or 'stop'} received: saved step {step} to "

@@ -164,6 +164,35 @@ def test_slurm_script_trains_like_one_process(runs, tmp_path):
     np.testing.assert_allclose(loss_slurm, loss_single, rtol=0, atol=1e-5)
 
 
+def test_a_signal_to_one_process_stops_both_at_a_check_step(tmp_path):
+    """SIGTERM to one of two trainers: both save the same step, one where
+    they compare stop flags (every train.stop_check_every steps, not every
+    step), and exit 143; the launch resumes from it."""
+    import signal
+    import time
+    wd = str(tmp_path / "run")
+    args = [a for a in TRAIN_ARGS if not a.startswith("--config.train.steps")]
+    launcher = subprocess.Popen(["launch/multiprocess.sh", "2", *args, "--config.train.steps=100000",
+                                 "--config.train.stop_check_every=3", "--workdir", wd],
+                                cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    metrics = os.path.join(wd, "metrics.jsonl")
+    deadline = time.time() + 600
+    while not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 2):
+        assert launcher.poll() is None and time.time() < deadline, launcher.stdout.read()[-3000:]
+        time.sleep(0.5)
+    children = subprocess.run(["pgrep", "-P", str(launcher.pid), "-f", "t5lab.cli"],
+                              capture_output=True, text=True).stdout.split()
+    assert len(children) == 2, children
+    os.kill(int(children[1]), signal.SIGTERM)   # one trainer only, not the launcher
+    out = launcher.communicate(timeout=600)[0]
+    assert launcher.returncode == 143, out[-3000:]
+    saved = sorted(set(int(x) for x in __import__("re").findall(r"received: saved step (\d+)", out)))
+    assert len(saved) == 1 and saved[0] % 3 == 0, out[-3000:]
+    assert out.count("received: saved step") == 2   # both processes stopped there
+    assert os.path.isdir(os.path.join(wd, "checkpoints", str(saved[0])))
+
+
 def test_one_failing_process_fails_the_launch():
     # Bad input fails in every process before jax.distributed starts; the
     # launcher must exit with the trainers' status, not hang or report success.
