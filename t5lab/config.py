@@ -66,6 +66,7 @@ def schema() -> ml_collections.ConfigDict:
     d.eval_split = "validation"  # for text/embedded sources: the held-out fraction below
     d.eval_fraction = 0.01       # documents hashed to eval when the source has no split
     d.mixture = ""               # "source_spec=weight,..." see t5lab/data/sources.py
+    d.mixture_schedule = ""      # "FRACTION=w1,w2,...;..." mixture weights from that fraction of train.steps on
     d.tokenizer = ""             # SentencePiece .model; "" trains one on the embedded corpus
     d.objective = "ul2"          # ul2 | span_corruption | prefix_lm | causal_lm | mlm
     d.ul2_rates = ""             # 7 comma-separated rates (R1,R2,X1..X4,S); "" uniform

@@ -236,11 +236,15 @@ def _train(config, workdir, program, train_ds, tok_path, mesh, is_main, progress
                 f"replay its position into other data. Restore the data, or continue deliberately "
                 f"with --config.train.allow_data_change=true (the stream restarts at step {latest})")
         state = ckpts.restore(latest, program.abstract_state)
+        # One batch per step: the stream's batch count (which picks a mixture
+        # schedule's phase) is the step.
         if diff:
             restarted_data = True
             notes.append(f"data changed ({diff}): the data stream restarts at step {latest}")
+            data_iter.set_state({"lanes": {str(i): [0, 0, 0] for i in data_iter.lanes}, "batches": latest})
         else:
-            data_iter.set_state({"lanes": {str(i): p for i, p in enumerate(saved["lanes"])}})
+            data_iter.set_state({"lanes": {str(i): p for i, p in enumerate(saved["lanes"])},
+                                 "batches": latest})
         origin = f"resumed from {ckpts.root}/{latest}"
     elif config.init.from_hf:
         state = program.init_state(jax.random.key(config.train.seed))

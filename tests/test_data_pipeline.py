@@ -233,3 +233,42 @@ def test_jsonl_parquet_and_weighted_mixture(corpus, tmp_path):
     draws = [ds[i] for i in range(2000)]
     share = np.mean([d.startswith("jsonl") for d in draws])
     assert abs(share - 0.75) < 0.03
+
+
+def test_mixture_schedule_switches_weights_at_a_fraction_and_resumes_exactly(corpus, tmp_path):
+    """data.mixture_schedule: source A alone for the first half of the run,
+    then source B alone; a resume before, at and after the switch continues
+    the uninterrupted stream exactly."""
+    (tmp_path / "a.txt").write_text("\n".join(f"alpha beta gamma {i} alpha" for i in range(400)) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(f"river stone omega {i} river" for i in range(400)) + "\n")
+    c = _config(corpus, source="mixture", mixture=f"text:{tmp_path}/a.txt=1,text:{tmp_path}/b.txt=0",
+                mixture_schedule="0.5=0,1")
+    c.train.steps = 8
+    tok = tokenizer.Tokenizer(corpus[1])
+
+    def words(batch):
+        return set(tok.decode([int(t) for t in batch["encoder_input_tokens"].ravel() if 2 < t < 400]).split())
+
+    it = iter(_ds(c, corpus))
+    ref = [next(it) for _ in range(8)]
+    for b in ref[:4]:
+        assert "alpha" in words(b) and "river" not in words(b)
+    for b in ref[4:]:
+        assert "river" in words(b) and "alpha" not in words(b)
+    for cut in (3, 4, 6):
+        it = iter(_ds(c, corpus))
+        for _ in range(cut):
+            next(it)
+        state = it.get_state()
+        resumed = iter(_ds(c, corpus))
+        resumed.set_state(state)
+        for want in ref[cut:]:
+            got = next(resumed)
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k])
+    bad = [("0.5=1", "needs 2 weights"), ("0.6=1,1;0.4=1,0", "must increase"), ("1.5=1,1", "must increase"),
+           ("0.5=0,0", "positive sum")]
+    for spec, why in bad:
+        c.data.mixture_schedule = spec
+        with pytest.raises(ValueError, match=f"config.data.mixture_schedule: .*{why}"):
+            _ds(c, corpus)

@@ -80,6 +80,7 @@ def validate(config, process_count: int = 1):
         _key("tfds_name", bool(d.tfds_name), "source 'tfds' needs a dataset name, e.g. 'c4/en:3.1.0'")
     if d.source == "mixture":
         sources.parse_mixture(d.mixture)
+    phase_starts(config)
     _key("objective", d.objective in denoising.OBJECTIVES, f"{d.objective!r} is not one of {denoising.OBJECTIVES}")
     if arch == "encoder":
         _key("objective", d.objective == "mlm", f"the encoder-only model trains with 'mlm', not {d.objective!r}")
@@ -134,11 +135,69 @@ def make_objective(config, tok: Tokenizer) -> denoising.Objective:
         mlm_probability=d.mlm_probability, first_ordinary_id=3 + len(tok.mode_ids))
 
 
-def _items(config) -> list[tuple[str, str, float]]:
+def parse_schedule(config) -> list[tuple[float, list[float]]]:
+    """data.mixture_schedule 'FRACTION=w1,w2,...;...' -> [(fraction, weights)]:
+    from that fraction of train.steps on, data.mixture's items take those
+    weights (one per item, in its order)."""
+    d = config.data
+    spec = d.mixture_schedule.strip()
+    if not spec:
+        return []
+    if d.source != "mixture":
+        raise ValueError("config.data.mixture_schedule: needs config.data.source=mixture")
+    n = len(sources.parse_mixture(d.mixture))
+    out = []
+    for item in spec.split(";"):
+        frac, sep, ws = item.partition("=")
+        try:
+            f, weights = float(frac), [float(w) for w in ws.split(",")]
+        except ValueError:
+            raise ValueError(f"config.data.mixture_schedule: {item!r} is not FRACTION=w1,...,w{n}") from None
+        if not sep or len(weights) != n:
+            raise ValueError(f"config.data.mixture_schedule: {item!r} needs {n} weights, one per "
+                             f"item of config.data.mixture")
+        if not (0 < f < 1) or (out and f <= out[-1][0]):
+            raise ValueError(f"config.data.mixture_schedule: fractions must increase within (0, 1), "
+                             f"got {item!r}")
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"config.data.mixture_schedule: {item!r}: weights must be >= 0 with a "
+                             f"positive sum")
+        out.append((f, weights))
+    return out
+
+
+def phase_starts(config) -> list[int]:
+    """The train steps where each phase of the mixture begins: [0] without a
+    schedule."""
+    starts = [0] + [round(f * config.train.steps) for f, _ in parse_schedule(config)]
+    if len(set(starts)) != len(starts):
+        raise ValueError(f"config.data.mixture_schedule: two phases start at the same step of "
+                         f"{config.train.steps} (config.train.steps)")
+    return starts
+
+
+def _all_items(config) -> list[tuple[str, str, float]]:
     d = config.data
     if d.source == "mixture":
-        return [(k, a, w) for k, a, w in sources.parse_mixture(d.mixture) if w > 0]
+        return sources.parse_mixture(d.mixture)
     return [(d.source, d.tfds_name if d.source == "tfds" else d.paths, 1.0)]
+
+
+def _phase_weights(config) -> list[list[float]]:
+    """Per phase, the weight of each item of `_all_items`."""
+    return [[w for *_, w in _all_items(config)]] + [ws for _, ws in parse_schedule(config)]
+
+
+def _items(config) -> list[tuple[str, str, float]]:
+    """The items some phase draws from (weight > 0), with their first weights."""
+    used = [any(ws[i] > 0 for ws in _phase_weights(config)) for i in range(len(_all_items(config)))]
+    return [item for item, u in zip(_all_items(config), used) if u]
+
+
+def _used_weights(config, phase: int) -> list[float]:
+    ws = _phase_weights(config)
+    used = [any(w[i] > 0 for w in ws) for i in range(len(ws[0]))]
+    return [w for w, u in zip(ws[phase], used) if u]
 
 
 def _open(config, split: str):
@@ -158,18 +217,24 @@ def documents(config, split: str, repeat: bool = True) -> grain.MapDataset:
     return _sequence(config, split, [src for *_, src in _open(config, split)], repeat)
 
 
-def _sequence(config, split, srcs, repeat: bool) -> grain.MapDataset:
+def _sequence(config, split, srcs, repeat: bool, phase: int = 0) -> grain.MapDataset:
+    """The documents of one phase (see mixture_schedule): its sources (weight > 0)
+    mixed by its weights; a later phase shuffles each source afresh."""
     d = config.data
-    parts = []
-    for n, src in enumerate(srcs):
+    weights = _used_weights(config, phase)
+    parts, mix = [], []
+    for n, (src, w) in enumerate(zip(srcs, weights)):
+        if w <= 0:
+            continue
         if split == "train":
-            parts.append(sources.shuffled(src, (d.seed * 1_000_003 + n) % 2**32, repeat))
+            parts.append(sources.shuffled(src, (d.seed * 1_000_003 + n + 7919 * phase) % 2**32, repeat))
         else:
             ds = grain.MapDataset.source(src)
             parts.append(ds.repeat() if repeat else ds)
+        mix.append(w)
     if len(parts) == 1:
         return parts[0]
-    return grain.MapDataset.mix(parts, [w for _, _, w in _items(config)])
+    return grain.MapDataset.mix(parts, mix)
 
 
 # ------------------------------------------------------------------ fingerprint
@@ -223,6 +288,8 @@ def fingerprint(config, tokenizer_path: str, opened=None) -> dict:
         fp["data.noise_density"], fp["data.mean_span_length"] = d.noise_density, d.mean_span_length
     if d.objective == "mlm":
         fp["data.mlm_probability"] = d.mlm_probability
+    if parse_schedule(config):  # phases begin at fractions of the run's length
+        fp["data.mixture_schedule"], fp["train.steps"] = d.mixture_schedule, config.train.steps
     opened = opened if opened is not None else _open(config, "train")
     for n, (kind, arg, w, src) in enumerate(opened):
         if kind not in ("tfds", "prepared"):
@@ -261,9 +328,9 @@ class Block:
 class _LaneBlocks:
     """(lane, start) -> Block: a pure function of the config and its position."""
 
-    def __init__(self, config, docs: grain.MapDataset, tokenizer_path: str, objective, split: str):
+    def __init__(self, config, docs: list[grain.MapDataset], tokenizer_path: str, objective, split: str):
         d = config.data
-        self.docs, self.tokenizer_path, self.objective = docs, tokenizer_path, objective
+        self.phases, self.tokenizer_path, self.objective = docs, tokenizer_path, objective
         self.lanes, self.split = config.train.batch_size, SPLITS.index(split)
         self.arch, self.pack, self.seed = config.model.arch, d.pack, d.seed
         self.lengths = (d.inputs_length, d.targets_length)
@@ -273,13 +340,14 @@ class _LaneBlocks:
     def __getstate__(self):  # workers reload the tokenizer from its path
         return {k: v for k, v in self.__dict__.items() if k != "_tok"} | {"_tok": None}
 
-    def __call__(self, lane: int, start: int, part: int = 0) -> Block:
+    def __call__(self, lane: int, start: int, part: int = 0, phase: int = 0) -> Block:
         if self._tok is None:
             self._tok = Tokenizer(self.tokenizer_path)
+        docs = self.phases[phase]
         before = dict(sources.SKIPS.counts)
         items, n, chars, next_part = [], 0, 0, 0  # texts, or chunks of prepared token ids
         while n < MAX_BLOCK_DOCS and chars < self.chars:
-            doc = self.docs[(start + n) * self.lanes + lane]
+            doc = docs[(start + n) * self.lanes + lane]
             n += 1
             if doc is None:
                 continue  # unreadable: counted by its source, naming the file
@@ -309,7 +377,7 @@ class _LaneBlocks:
                 tokens.append(next(encoded))
             else:
                 tokens.extend(x)
-        rng = np.random.default_rng([self.seed, self.split, lane, start, part])
+        rng = np.random.default_rng([self.seed, self.split, lane, start, part] + [phase] * (phase > 0))
         examples, short = self.objective(tokens, rng) if tokens else ([], 0)
         sources.SKIPS.add(sources.SHORT, short, f"lane {lane} document {start}")
         rows = None
@@ -329,17 +397,19 @@ def _worker_init(blocks):
     _WORKER_BLOCKS = blocks
 
 
-def _worker_block(lane, start, part):
-    return _WORKER_BLOCKS(lane, start, part)
+def _worker_block(lane, start, part, phase):
+    return _WORKER_BLOCKS(lane, start, part, phase)
 
 
 # ------------------------------------------------------------------ the stream
 class Stream:
     """This process's rows of the global stream; iter() gives a fresh iterator."""
 
-    def __init__(self, blocks: _LaneBlocks, lanes: range, num_workers: int, fingerprint: dict | None):
+    def __init__(self, blocks: _LaneBlocks, lanes: range, num_workers: int, fingerprint: dict | None,
+                 phase_starts: list[int] | None = None):
         self.blocks, self.lanes, self.num_workers = blocks, lanes, num_workers
         self.fingerprint = fingerprint
+        self.phase_starts = phase_starts or [0]
 
     def __iter__(self) -> "StreamIterator":
         return StreamIterator(self)
@@ -352,6 +422,9 @@ class StreamIterator:
     def __init__(self, stream: Stream):
         self._fn, self.lanes = stream.blocks, list(stream.lanes)
         self._pos = {lane: [0, 0, 0] for lane in self.lanes}   # block start, rows taken, part
+        # Batches given so far: a mixture schedule's phase is a function of it, and
+        # each phase reads its own document sequence from position 0.
+        self.batches, self._starts, self._phase = 0, stream.phase_starts, 0
         self._unusable = {lane: 0 for lane in self.lanes}
         self._cur, self._next = {}, {}
         self.skipped = collections.Counter()                 # this process's skips, by reason
@@ -368,8 +441,12 @@ class StreamIterator:
         return self
 
     def get_state(self) -> dict:
-        """{"lanes": {lane: [block start, rows taken, part]}} for this process's lanes."""
-        return {"lanes": {str(lane): list(self._pos[lane]) for lane in self.lanes}}
+        """{"lanes": {lane: [block start, rows taken, part]}, "batches": n} for this
+        process's lanes (positions in the current phase's sequence)."""
+        return {"lanes": {str(lane): list(self._pos[lane]) for lane in self.lanes}, "batches": self.batches}
+
+    def _phase_of(self, batches: int) -> int:
+        return sum(batches >= s for s in self._starts) - 1
 
     def set_state(self, state: dict) -> None:
         lanes = state["lanes"]
@@ -381,9 +458,13 @@ class StreamIterator:
         self._cur, self._next = {}, {}
         self._pos = {lane: [int(x) for x in lanes[str(lane)]] + [0] * (3 - len(lanes[str(lane)]))
                      for lane in self.lanes}
+        self.batches = int(state.get("batches", 0))
+        # The positions are in the sequence of the phase of the last batch given:
+        # at a phase's first batch, __next__ starts the new phase.
+        self._phase = self._phase_of(max(self.batches - 1, 0))
 
     def _submit(self, lane: int, start: int, part: int):
-        self._next[lane] = ((start, part), self._pool.submit(self._call, lane, start, part))
+        self._next[lane] = ((start, part), self._pool.submit(self._call, lane, start, part, self._phase))
 
     def _advance(self, lane: int) -> Block:
         """The lane's current block, fetching (and prefetching) as needed."""
@@ -412,6 +493,12 @@ class StreamIterator:
                             f"(lane {lane}); latest skipped: {blk.latest_skip or 'empty documents'}")
 
     def __next__(self) -> dict:
+        if self._phase_of(self.batches) != self._phase:  # the schedule's next phase begins
+            for f in self._next.values():
+                f[1].cancel()
+            self._cur, self._next = {}, {}
+            self._pos = {lane: [0, 0, 0] for lane in self.lanes}
+            self._phase = self._phase_of(self.batches)
         for lane in self.lanes:  # every lane's first block in flight at once
             if lane not in self._cur and lane not in self._next:
                 self._submit(lane, self._pos[lane][0], self._pos[lane][2])
@@ -421,6 +508,7 @@ class StreamIterator:
             i = self._pos[lane][1]
             rows.append({k: v[i] for k, v in blk.rows.items()})
             self._pos[lane][1] = i + 1
+        self.batches += 1
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def close(self):
@@ -463,11 +551,14 @@ def make_dataset(config, split: str = "train", *, tokenizer_path: str, process_i
     objective = make_objective(config, tok)
     opened = _open(config, split)
     check_prepared(config, opened, tokenizer_path)
-    docs = _sequence(config, split, [src for *_, src in opened], repeat=True)
+    srcs = [src for *_, src in opened]
+    starts = phase_starts(config) if split == "train" else [0]  # eval keeps the first weights
+    docs = [_sequence(config, split, srcs, True, phase) for phase in range(len(starts))]
     fp = fingerprint(config, tokenizer_path, opened) if split == "train" else None
     blocks = _LaneBlocks(config, docs, tokenizer_path, objective, split)
     workers = config.data.num_workers if num_workers is None else num_workers
-    return Stream(blocks, process_lanes(config.train.batch_size, process_index, process_count), workers, fp)
+    return Stream(blocks, process_lanes(config.train.batch_size, process_index, process_count), workers, fp,
+                  starts)
 
 
 def probe(stream: Stream) -> None:
