@@ -18,13 +18,19 @@ def test_published_sizes(path, preset):
     assert (m.d_model, m.d_ff, m.num_heads, m.head_dim, m.num_layers) == PRESETS[path][preset]
 
 
+def test_continue_presets_are_t5_1_1_shapes():
+    for size in ("small", "base", "xl"):
+        a, b = config_lib.load(f"configs/continue.py:{size}").model, config_lib.load(f"configs/t5_1_1.py:{size}").model
+        assert a.to_dict() == b.to_dict()
+
+
 def test_ul2_20b_is_gated_silu():
     m = config_lib.load("configs/ul2.py:20b").model
     assert m.activation == "silu" and m.gated_mlp and m.arch == "encoder_decoder"
 
 
 @pytest.mark.parametrize("path", ["configs/t5_1_1.py", "configs/ul2.py", "configs/decoder.py",
-                                  "configs/encoder.py"])
+                                  "configs/encoder.py", "configs/continue.py"])
 def test_every_file_has_tiny(path):
     assert config_lib.load(f"{path}:tiny").model.d_model <= 128
 

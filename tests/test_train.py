@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5lab import checkpointing, config as config_lib, train
+from t5lab import checkpointing, config as config_lib, sharding, train
 
 STEPS = 6
 
@@ -124,3 +124,28 @@ def test_default_run_loss_falls(tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
     assert any("eval/loss" in r for r in rows)
     assert 0 < last["nonpad_fraction"] <= 1 and last["tokens_per_s"] > 0
+
+
+def test_continue_recipe_resumes_exactly_across_its_mixture_switch(tmp_path):
+    """configs/continue.py: re-warmed rate, a replay mixture whose weights switch
+    at half the run (data.mixture_schedule); stopped at the switch and resumed,
+    every step's metrics equal the uninterrupted run's."""
+    new = tmp_path / "new.txt"
+    new.write_text("\n".join(f"the river {i} runs past the old stone mill" for i in range(300)) + "\n")
+
+    def cfg(*extra):
+        return config_lib.load("configs/continue.py:tiny", [
+            f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "checkpoint.every=0",
+            "train.batch_size=8", f"data.mixture=text:{new}=0.95,embedded=0.05",
+            "data.mixture_schedule=0.5=0.2,0.8", *extra])
+
+    c = cfg()
+    schedule = train.build_program(c, sharding.make_mesh(c.mesh)).schedule
+    lr = [float(schedule(s)) for s in (0, c.optim.warmup_steps, STEPS)]
+    assert lr[0] == 0 and lr[1] == pytest.approx(c.optim.learning_rate, rel=1e-6)
+    assert lr[2] == pytest.approx(c.optim.end_lr_fraction * c.optim.learning_rate, rel=1e-5)
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    train.run(cfg(), full, progress=False)
+    train.run(cfg("train.stop_at_step=3"), cut, progress=False)
+    train.run(cfg(), cut, progress=False)
+    assert logged(cut) == logged(full) and sorted(logged(full)) == list(range(1, STEPS + 1))
