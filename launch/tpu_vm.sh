@@ -4,7 +4,7 @@
 #
 #   export TPU_NAME=t5-xl ZONE=us-east5-b ACCELERATOR_TYPE=v5p-64 [PROJECT=...]
 #   launch/tpu_vm.sh create                 # QUEUED=1 for a queued resource, SPOT=1 for spot
-#   launch/tpu_vm.sh setup                  # copy the code, pip install on every worker
+#   launch/tpu_vm.sh setup                  # copy the code, pip install -e '.[tpu,gcs]' on every worker
 #   launch/tpu_vm.sh train --config configs/t5_1_1.py:xl --workdir gs://BUCKET/runs/xl
 #   launch/tpu_vm.sh logs [WORKER]          # re-attach to a worker's log (default 0)
 #   launch/tpu_vm.sh stop                   # SIGTERM: the trainers save and exit
@@ -60,7 +60,7 @@ setup() {
   "${gcloud_tpu[@]}" tpu-vm scp "$tarball" "$TPU_NAME:t5lab.tar.gz" "${where[@]}" --worker=all
   rm -f "$tarball"
   on_workers all "rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar xzf t5lab.tar.gz -C $REMOTE_DIR \
-    && cd $REMOTE_DIR && pip install -q -U 'jax[tpu]' && pip install -q -e '.[gcs]'"
+    && cd $REMOTE_DIR && pip install -q -U -e '.[tpu,gcs]'"
 }
 
 train() {

@@ -20,7 +20,7 @@ from t5lab import storage
 PEAK_TFLOPS = {
     "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
     "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
-    "NVIDIA H100": 989.0, "NVIDIA A100": 312.0,
+    "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0,
 }
 
 

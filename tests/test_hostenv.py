@@ -13,7 +13,7 @@ PROBE = """
 import os, resource, sys
 print("start", os.getpid(), flush=True)
 from t5lab import hostenv
-hostenv.reexec_with_hugepages()
+hostenv.reexec_with_hugepages(dev=os.environ.get("PROBE_DEV", "/dev"))
 import numpy as np
 np._core.multiarray._set_madvise_hugepage(False)  # numpy's own huge-page advice; XLA has none
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -25,9 +25,10 @@ print("ran", os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), faults, flush=Tr
 """
 
 
-def _probe(**env):
+def _probe(drop=(), **env):
+    keep = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", *drop)}
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60,
-                         env={**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, **env})
+                         env={**keep, **env})
     assert out.returncode == 0, out.stderr
     return [line.split() for line in out.stdout.splitlines()]
 
@@ -60,3 +61,39 @@ def test_an_existing_tunable_is_kept():
         pytest.skip("needs Linux with glibc >= 2.35")
     (ran,) = [l for l in _probe(GLIBC_TUNABLES="glibc.malloc.arena_max=2") if l[0] == "ran"]
     assert ran[2] == "glibc.malloc.arena_max=2:" + hostenv.TUNABLE
+
+
+def _fake_dev(root, nodes):
+    for n in nodes:
+        (root / n).parent.mkdir(parents=True, exist_ok=True)
+        (root / n).touch()
+    return str(root)
+
+
+@pytest.mark.parametrize("nodes,cpu", [
+    ([], True), (["vfio/vfio"], True),            # VFIO's control node alone: a CPU host
+    (["nvidia0"], False), (["nvidiactl"], False),  # CUDA
+    (["accel0"], False), (["vfio/vfio", "vfio/0"], False),  # TPU VMs (v4/v5p; v5e/v6e)
+])
+def test_device_nodes_decide_when_jax_platforms_is_unset(tmp_path, nodes, cpu):
+    dev = _fake_dev(tmp_path, nodes)
+    assert hostenv.runs_on_cpu({}, dev=dev) is cpu
+    # JAX_PLATFORMS wins over the nodes: cpu alone forces the CPU, any other name does not.
+    assert hostenv.runs_on_cpu({"JAX_PLATFORMS": "cpu"}, dev=dev) is True
+    assert hostenv.runs_on_cpu({"JAX_PLATFORMS": "cuda"}, dev=dev) is False
+    assert hostenv.runs_on_cpu({"JAX_PLATFORMS": "cuda,cpu"}, dev=dev) is False
+
+
+@pytest.mark.skipif(not hostenv._glibc_has_hugetlb(), reason="needs Linux with glibc >= 2.35")
+def test_no_reexec_when_the_run_uses_an_accelerator(tmp_path):
+    def runs(**env):
+        lines = _probe(**env)
+        ran = [l for l in lines if l[0] == "ran"][0]
+        return sum(l[0] == "start" for l in lines), (ran[2] if len(ran) == 4 else "")
+
+    # XLA:CPU alone gains from the tunable: a GPU/TPU run starts once, untouched.
+    assert runs(JAX_PLATFORMS="cuda") == (1, "")
+    # JAX_PLATFORMS unset: the machine's device nodes decide.
+    gpu_dev, cpu_dev = _fake_dev(tmp_path / "gpu", ["nvidia0"]), _fake_dev(tmp_path / "cpu", ["vfio/vfio"])
+    assert runs(drop=("JAX_PLATFORMS",), PROBE_DEV=gpu_dev) == (1, "")
+    assert runs(drop=("JAX_PLATFORMS",), PROBE_DEV=cpu_dev) == (2, hostenv.TUNABLE)

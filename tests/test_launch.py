@@ -274,7 +274,7 @@ def test_tpu_vm_script_issues_the_gcloud_commands(tmp_path):
         names = set(tar.getnames())
     assert {"pyproject.toml", "t5lab/train.py", "launch/tpu_vm.sh"} <= names
     assert not any(n.startswith(".git/") for n in names)
-    assert "pip install -q -e '.[gcs]'" in _flag(install, "--command")
+    assert "pip install -q -U -e '.[tpu,gcs]'" in _flag(install, "--command")
 
     # A local workdir would leave each worker's shards on its own disk: refused before any call.
     proc, calls = _tpu_vm(tmp_path, "train", "--config", "configs/t5_1_1.py:xl", "--workdir", "/tmp/x")

@@ -213,11 +213,11 @@ def bench_checkpoint(state, prog) -> tuple[float, float]:
 
 
 def main(argv=None):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before the re-exec, which applies to CPU runs only
     if argv is None:  # a fresh process: huge-page-backed malloc (t5lab/hostenv.py)
         from t5lab import hostenv
         hostenv.reexec_with_hugepages()
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.devices > 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}")

@@ -1,0 +1,61 @@
+"""tools/gpu_bench.py --cpu-smoke: the GPU bench's whole code path (bf16
+peak, one process per t5lab row, the PyTorch peer, the table) on tiny
+shapes on the CPU, so the tool cannot rot while no GPU is at hand."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# CI lays shared/ beside the clone; the peer runs on the CPU with --cpu.
+PEER = os.path.join(ROOT, "..", "shared", "bench", "peer_torch_t5_gpu.py")
+
+
+def _table(stdout: str) -> list[list[str]]:
+    lines = stdout.rstrip().splitlines()
+    start = max(i for i, l in enumerate(lines) if l.startswith("| implementation |"))
+    assert all(l.startswith("|") for l in lines[start:]), "the table is not the last thing printed"
+    return [[c.strip() for c in l.strip("|").split("|")] for l in lines[start + 2:]]
+
+
+def _number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("%"))
+
+
+def test_cpu_smoke_prints_every_row_and_a_failing_row_does_not_stop_it(tmp_path):
+    rows_file = tmp_path / "rows.jsonl"
+    # flash (a TPU kernel) fails inside its part on the CPU; nosuch is refused up front.
+    p = subprocess.run([sys.executable, "tools/gpu_bench.py", "--cpu-smoke", "--attention", "xla,dpa,flash,nosuch",
+                        "--json", str(rows_file), "--log-dir", str(tmp_path / "logs")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=420)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stdout
+    rows = _table(p.stdout)
+    names = [(r[0], r[1]) for r in rows]
+    assert names[:4] == [("t5lab", "xla"), ("t5lab", "dpa"), ("t5lab", "flash"), ("t5lab", "nosuch")]
+    assert "failed" in rows[2][-1] and "TPU kernel" in rows[2][-1]
+    assert rows[3][-1].startswith("not available")
+    has_peer = os.path.isfile(PEER)
+    measured = rows[:2] + (rows[4:] if has_peer else [])
+    if has_peer:
+        assert rows[4][0].startswith("peer:"), rows[4]
+    else:
+        assert rows[4][-1].startswith("not available"), rows[4]
+    for r in measured:
+        # columns: implementation, attention, step ms, tokens/s, MFU, t5lab/peer, compile s, note
+        step_ms, tokens, mfu = _number(r[2]), _number(r[3]), _number(r[4]) / 100
+        assert math.isfinite(tokens) and tokens > 0 and step_ms > 0, r
+        assert 0 < mfu <= 1, r
+        # tokens/s is batch x (inputs + targets) / step time: 2 x (32 + 16) rows
+        assert abs(tokens * step_ms / 1e3 - 96) < 0.01 * 96 + 1, r
+        if r[0] == "t5lab" and has_peer:
+            assert _number(r[5]) > 0, r
+    assert "bf16 matmul peak:" in p.stdout and "TFLOP/s (cpu" in p.stdout
+
+    # --json: one object per row, agreeing with the table.
+    objs = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [o["attention"] for o in objs[:4]] == ["xla", "dpa", "flash", "nosuch"] and len(objs) == 5
+    assert objs[0]["peak_flops"] > 0 and objs[0]["model_flops"] > 0
+    assert objs[0]["mfu"] == objs[0]["model_flops"] / objs[0]["step_s"] / objs[0]["peak_flops"]
+    assert {"peak.log", "t5lab_xla.log", "t5lab_dpa.log", "t5lab_flash.log"} <= set(os.listdir(tmp_path / "logs"))
