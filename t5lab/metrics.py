@@ -194,32 +194,68 @@ class MetricWriter:
 
 
 class Progress:
-    """One updating line with ETA on a terminal; plain lines otherwise."""
+    """One updating line with ETA on a terminal; plain lines otherwise. The ETA
+    is timed from the first update on (the first step's compilation is not a
+    step's cost); a warning or log record printed meanwhile starts on a line
+    of its own instead of being glued to the progress line."""
 
     def __init__(self, total: int, start: int, enabled: bool = True, stream=None):
         self.total, self.start, self.enabled = total, start, enabled
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
-        self.t0 = time.time()
+        self._first = None      # (time, step) of the first update
+        self._open = False      # the terminal's cursor ends a progress line
+        if self.enabled and self.tty:
+            self._hook_output()
+
+    def _hook_output(self):
+        import logging
+        import warnings
+        show = warnings.showwarning
+
+        def showwarning(*args, **kwargs):
+            self._break_line()
+            show(*args, **kwargs)
+        warnings.showwarning = showwarning
+
+        class _Break(logging.Filter):
+            def filter(_, record):
+                self._break_line()
+                return True
+        for handler in logging.getLogger().handlers or [logging.lastResort]:
+            handler.addFilter(_Break())
+
+    def _break_line(self):
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
+
+    def eta(self, step: int, now: float | None = None) -> float:
+        now = time.time() if now is None else now
+        if self._first is None:
+            self._first = (now, step)
+        t0, s0 = self._first
+        return (now - t0) / (step - s0) * (self.total - step) if step > s0 else float("nan")
 
     def update(self, step: int, scalars: dict):
         if not self.enabled:
             return
-        done = step - self.start
-        elapsed = time.time() - self.t0
-        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        eta = self.eta(step)
         keys = ("loss", "accuracy", "lr", "tokens_per_s", "mfu")
         text = " ".join(f"{k}={_fmt(scalars[k])}" for k in keys if scalars.get(k) is not None)
         line = f"step {step}/{self.total} {text} eta {_hms(eta)}"
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)
+            self._open = True
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
 
     def message(self, text: str):
         if self.enabled:
-            self.stream.write(("\n" if self.tty else "") + text + "\n")
+            self._break_line()
+            self.stream.write(text + "\n")
             self.stream.flush()
 
 

@@ -55,3 +55,25 @@ def test_model_flops_dense_formula():
     # 6 * params * tokens + 12 * layers * (heads*head_dim) * length * tokens
     got = metrics.model_flops_per_step(M, {"decoder": 100, "head": 50}, 0, 10, 0, 5)
     assert got == 6 * 150 * 10 + 12 * 1 * 16 * 5 * 10
+
+
+class _Tty(__import__("io").StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_eta_skips_the_compiled_first_step_and_warnings_get_their_own_line():
+    import warnings
+    timing = metrics.Progress(total=100, start=0, enabled=False)
+    assert timing.eta(1, now=50.0) != timing.eta(1, now=50.0)          # NaN: one point, no rate yet
+    assert timing.eta(11, now=70.0) == 2.0 * 89                         # 20 s for 10 steps, 89 left
+    out = _Tty()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        bar = metrics.Progress(total=100, start=0, stream=out)
+        bar.update(5, {"loss": 1.5})
+        assert not out.getvalue().endswith("\n")
+        warnings.warn("something odd")
+        assert out.getvalue().endswith("\n")                           # the line was ended first
+        bar.message("note")
+    assert "\n\n" not in out.getvalue() and out.getvalue().endswith("note\n")

@@ -395,6 +395,7 @@ _WORKER_BLOCKS = None
 def _worker_init(blocks):
     global _WORKER_BLOCKS
     _WORKER_BLOCKS = blocks
+    sources.SKIPS.quiet = True  # the trainer reports the counts the blocks carry back
 
 
 def _worker_block(lane, start, part, phase):

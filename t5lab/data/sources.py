@@ -37,22 +37,26 @@ _EMBEDDED_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test"
 
 class SkipCounter:
     """Counts what this process drops (per reason) and reports it as a warning
-    the first time and then every `every` skips of a reason, with the latest
-    culprit (file and byte offset, dataset and index): bad input is visible
-    without a log line per document."""
+    the first time and then at 1,000, 10,000, ... skips of a reason, with the
+    latest culprit (file and byte offset, dataset and index): bad input is
+    visible without a log line per document (the metrics carry the counts).
+    Worker processes are `quiet`: the trainer warns for the blocks they build."""
 
-    def __init__(self, every: int = 1000):
-        self.every, self.counts, self.latest = every, collections.Counter(), ""
+    def __init__(self, quiet: bool = False):
+        self.counts, self.latest, self.quiet = collections.Counter(), "", quiet
+        self._warn_at = collections.defaultdict(lambda: 1)
 
     def add(self, reason: str, n: int = 1, where: str = ""):
         if n <= 0:
             return
-        before = self.counts[reason]
         self.counts[reason] += n
         self.latest = f"{reason}: {where}" if where else reason
-        if before == 0 or before // self.every != self.counts[reason] // self.every:
-            log.warning("skipped %d %s so far in this process%s", self.counts[reason], reason,
-                        f" (latest: {where})" if where else "")
+        if self.counts[reason] >= self._warn_at[reason]:
+            while self._warn_at[reason] <= self.counts[reason]:
+                self._warn_at[reason] = max(1000, self._warn_at[reason] * 10)
+            if not self.quiet:
+                log.warning("skipped %d %s so far in this process%s", self.counts[reason], reason,
+                            f" (latest: {where})" if where else "")
 
 
 # One per process: worker processes count their own; the blocks they build carry
