@@ -60,7 +60,7 @@ def _loss_and_grads(config, params, batch, valid):
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-@pytest.mark.parametrize("impl", ["dpa"])
+@pytest.mark.parametrize("impl", ["dpa", "flash"])
 def test_implementation_equals_xla(arch, impl, scan, monkeypatch):
     if impl == "flash":
         monkeypatch.setattr(attention, "FLASH_INTERPRET", True)

@@ -109,7 +109,13 @@ def dot_product(q, k, v, mask=None, bias=None, *, scale: float, implementation: 
 
 def flash(q, k, v, masking: Masking, table=None, *, relpos=None, scale: float):
     """The Pallas TPU kernel. table: [H, buckets] float32 relative-bias table
-    or None; relpos: (bidirectional, num_buckets, max_distance)."""
+    or None; relpos: (bidirectional, num_buckets, max_distance). Under a mesh
+    it runs per shard (shard_map over batch and heads, as the activations are
+    laid out): XLA cannot partition a Pallas call, and would gather its
+    operands onto every device."""
+    from flax import linen as nn
+    from jax.sharding import PartitionSpec as P
+
     from t5lab.models import flash_tpu  # Pallas loads only for runs that use it
 
     b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
@@ -117,14 +123,29 @@ def flash(q, k, v, masking: Masking, table=None, *, relpos=None, scale: float):
     q_seg = masking.q_segments if masking.q_segments is not None else ones(tq)
     kv_seg = masking.kv_segments if masking.kv_segments is not None else ones(tk)
     if masking.kv_valid is not None:
-        # An invalid key matches no query: its segment id becomes -1.
-        kv_seg = jnp.where(masking.kv_valid, kv_seg, -1)
-    kwargs = {}
+        # An invalid key matches no query; the kernel wants ids >= 0, so valid
+        # segments move up by one and invalid keys take 0, which no query has
+        # (a fully masked query row gives 0, where only padding lies).
+        kv_seg = jnp.where(masking.kv_valid, kv_seg + 1, 0)
+        q_seg = q_seg + 1
+    prefix = masking.prefix
+    mesh = jax.sharding.get_abstract_mesh()
+    kind = "" if mesh.empty else getattr(getattr(mesh, "abstract_device", None), "device_kind", "")
+    # TPU v4 and older have no strided lane rotate: the kernel builds its bias tiles in XLA there.
+    tiles = any(f"v{g}" in kind.lower() for g in (2, 3, 4)) or None
+    kwargs = dict(causal=masking.causal, sm_scale=scale, interpret=FLASH_INTERPRET, bias_tiles=tiles)
     if table is not None:
         bidirectional, num_buckets, max_distance = relpos
-        kwargs = dict(bias_table=table, bidirectional=bidirectional, num_buckets=num_buckets,
-                      max_distance=max_distance)
-    return flash_tpu.flash_attention(q, k, v, q_segment_ids=q_seg.astype(jnp.int32),
-                                     kv_segment_ids=kv_seg.astype(jnp.int32), causal=masking.causal,
-                                     q_prefix=masking.prefix, sm_scale=scale,
-                                     interpret=FLASH_INTERPRET, **kwargs)
+        kwargs.update(bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
+
+    def call(q, k, v, q_seg, kv_seg, prefix, table):
+        return flash_tpu.flash_attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                         q_prefix=prefix, bias_table=table, **kwargs)
+
+    args = (q, k, v, q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32), prefix, table)
+    if mesh.empty or all(size == 1 for size in mesh.shape.values()):
+        return call(*args)
+    batch, _, heads, _ = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+    x, row = P(batch, None, heads, None), P(batch, None)
+    specs = (x, x, x, row, row, None if prefix is None else row, None if table is None else P(heads, None))
+    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=x)(*args)
