@@ -86,10 +86,10 @@ def schema() -> ml_collections.ConfigDict:
     o.schedule = "cosine"        # constant | cosine | rsqrt | wsd | power | linear
     o.warmup_steps = 50
     o.decay_steps = -1           # -1: train.steps
-    o.end_lr_fraction = 0.1      # cosine/linear/wsd floor as a fraction of peak
-    o.wsd_decay_fraction = 0.2   # WSD: last fraction of steps decays
-    o.power_a = 4.0              # Power scheduler (Shen et al. 2024): lr = min(peak, a * b * step**-b)
-    o.power_b = 0.51
+    o.end_lr_fraction = 0.1      # cosine/linear/wsd floor as a fraction of peak; power: of its rate at decay start (paper: 0)
+    o.wsd_decay_fraction = 0.2   # WSD and power: last fraction of steps decays (power paper: 0.1, exponential)
+    o.power_a = 4.0              # Power scheduler (Shen et al. 2024, Eq. 7): lr = min(peak, rows * a * tokens**-b)
+    o.power_b = 0.51             # ... its exponent's magnitude (paper: b = -0.51, a = 4, peak 0.02, Sec. 4)
     o.b1 = 0.9
     o.b2 = 0.95
     o.eps = 1e-8
@@ -233,7 +233,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(o.decay_steps == -1 or o.decay_steps > 0, "optim.decay_steps", "must be -1 (train.steps) or positive")
     _require(0 <= o.end_lr_fraction <= 1, "optim.end_lr_fraction", "must be in [0, 1]")
     _require(0 < o.wsd_decay_fraction <= 1, "optim.wsd_decay_fraction", "must be in (0, 1]")
-    _require(o.power_a > 0 and o.power_b > 0, "optim.power_a", "power_a and power_b must be positive")
+    _require(o.power_a > 0 and o.power_b > 0, "optim.power_a",
+             "power_a and power_b must be positive (power_b is the decay exponent's magnitude: paper b = -power_b)")
 
     d = c.data
     _require(d.inputs_length > 0 and d.targets_length > 0, "data.inputs_length",

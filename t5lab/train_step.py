@@ -57,6 +57,13 @@ def batch_spec(config) -> dict[str, int]:
     return shapes
 
 
+def schedule_batch_shape(config) -> tuple[int, int]:
+    """(rows per step, tokens per row) for token-based schedules (optim.schedule=power);
+    tokens per row as train.py's _row_tokens counts them for tokens_per_s."""
+    d = config.data
+    return config.train.batch_size, d.inputs_length + (d.targets_length if config.model.arch != "encoder" else 0)
+
+
 def num_denoisers(config) -> int:
     if config.data.objective != "ul2":
         return 0
@@ -111,11 +118,11 @@ def build_program(config, mesh, total_steps: int | None = None) -> TrainProgram:
         # mesh, whose devices may be compile-only (tools/aot_compile.py).
         boxed = jax.eval_shape(lambda: init_params(jax.random.key(0)))
     param_specs = nn.get_partition_spec(boxed)
-    # Scanned stacks: SOAP preconditions each layer's slice on its own.
+    # Scanned stacks: SOAP and Adafactor treat each layer's slice on its own.
     stacked = jax.tree_util.tree_map(lambda s: len(s) > 0 and s[0] == "layers", param_specs,
                                      is_leaf=lambda x: isinstance(x, P))
     tx, schedule = optim.make_optimizer(config.optim, total_steps, decay_mask_fn(config.optim),
-                                        stacked_mask=stacked)
+                                        stacked_mask=stacked, batch_shape=schedule_batch_shape(config))
     param_sh = nn.logical_to_mesh_sharding(param_specs, mesh, rules)
     abstract_params = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), param_sh)

@@ -163,3 +163,53 @@ def test_too_many_spans_for_sentinels_shortens_chunks():
     obj = _objective("ul2", "encoder_decoder", 1024, 1024)
     for i, d in enumerate(UL2_DENOISERS[:6]):
         assert denoising.noise_counts(obj.raw_lengths[i], d.density, d.mean_span)[1] <= 100
+
+
+# UL2 (Tay et al. 2022, arXiv 2205.05131) Sec. 3.1.2: the seven denoisers as
+# (mode token, mean span mu, corruption rate r); mode tokens of the released 20B
+# model (google/ul2 model card: [NLU] R, [NLG] X, [S2S] S).
+PAPER_DENOISERS = {"R3": ("[NLU]", 3, 0.15), "R8": ("[NLU]", 8, 0.15), "X3": ("[NLG]", 3, 0.5),
+                   "X8": ("[NLG]", 8, 0.5), "X64_15": ("[NLG]", 64, 0.15), "X64_50": ("[NLG]", 64, 0.5)}
+# S 20%, R 40%, X 40%, even within R and X (Finnish-NLP's UL2 recipe citing the
+# paper's Sec. 4.5; see t5lab/data/denoising.py for the caveat).
+PAPER_RATES = {"R3": 0.2, "R8": 0.2, "X3": 0.1, "X8": 0.1, "X64_15": 0.1, "X64_50": 0.1, "S": 0.2}
+
+
+def test_ul2_denoisers_are_the_papers():
+    assert [d.name for d in UL2_DENOISERS] == list(PAPER_RATES)
+    for d in UL2_DENOISERS:
+        if d.prefix_lm:
+            assert d.name == "S" and d.mode == "[S2S]"
+        else:
+            assert (d.mode, d.mean_span, d.density) == PAPER_DENOISERS[d.name] and not d.prefix_lm
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "20b"])
+def test_ul2_preset_rates_are_the_papers(size):
+    from t5lab import config as config_lib
+    rates = [float(x) for x in config_lib.load(f"configs/ul2.py:{size}").data.ul2_rates.split(",")]
+    assert rates == pytest.approx(list(PAPER_RATES.values()))
+    by_mode = {}
+    for d, r in zip(UL2_DENOISERS, rates):
+        by_mode[d.mode] = by_mode.get(d.mode, 0) + r
+    assert by_mode == pytest.approx({"[NLU]": 0.4, "[NLG]": 0.4, "[S2S]": 0.2})
+    # the uniform mixture stays one word away: "" is data.ul2_rates' uniform
+    assert config_lib.load(f"configs/ul2.py:{size},uniform").data.ul2_rates == ""
+    with pytest.raises(config_lib.ConfigError, match="mixture"):
+        config_lib.load(f"configs/ul2.py:{size},zipf")
+
+
+def test_sampled_denoiser_frequencies_match_the_preset_rates():
+    from t5lab import config as config_lib
+    c = config_lib.load("configs/ul2.py:tiny")
+    rates = [float(x) for x in c.data.ul2_rates.split(",")]
+    obj = _objective("ul2", "encoder_decoder", c.data.inputs_length, c.data.targets_length, rates=rates)
+    rng = np.random.default_rng(6)
+    docs = [rng.integers(6, 400, rng.integers(2, 200)).astype(np.int32) for _ in range(4000)]
+    examples, _ = obj(docs, rng)
+    n = len(examples)
+    freq = np.bincount([e.denoiser for e in examples], minlength=7) / n
+    # each chunk draws its denoiser independently: multinomial, sd <= sqrt(.25 / n)
+    assert n > 4000 and np.abs(freq - list(PAPER_RATES.values())).max() < 5 * np.sqrt(0.25 / n)
+    for e in examples:
+        assert e.inputs[0] == MODES[UL2_DENOISERS[e.denoiser].mode]

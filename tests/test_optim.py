@@ -1,14 +1,16 @@
-"""Schedules against their closed forms (written out here, independently) and
-the optimizer factory: decay mask, clipping, config plumbing."""
+"""Schedules against their closed forms (written out here, independently), the
+optimizer factory (decay mask, clipping, config plumbing) and Adafactor against
+optax's, layer by layer for stacked leaves."""
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from t5lab.config import schema
-from t5lab.optim import make_optimizer, schedules
+from t5lab.optim import adafactor, make_optimizer, schedules
 
 PEAK, WARMUP, TOTAL, END = 1e-3, 10, 100, 0.1
 
@@ -41,10 +43,7 @@ def test_key_steps_of_every_schedule():
                           {0: PEAK, 5: PEAK, 10: PEAK, 90: PEAK / 3}),
         "wsd": (schedules.wsd(PEAK, WARMUP, TOTAL, decay_fraction=0.2, end_fraction=END),
                 {5: PEAK / 2, 50: PEAK, 80: PEAK, 90: PEAK * 0.55, 100: PEAK * END}),
-        # min(0.1, 0.5 / sqrt(n)); decay over the last 40 of 200 steps from the value at 160
-        "power": (schedules.power(0.1, WARMUP, 200, a=0.5, b=0.5, decay_fraction=0.2, end_fraction=END),
-                  {5: 0.05, 20: 0.1, 100: 0.05, 160: 0.5 / math.sqrt(160),
-                   180: 0.5 / math.sqrt(160) * 0.55, 200: 0.5 / math.sqrt(160) * END}),
+        # power is a function of tokens seen: tests/test_schedules.py
     }
     for name, (schedule, expected) in cases.items():
         steps = list(expected)
@@ -117,3 +116,64 @@ def test_clipping_bounds_the_update(clip_norm):
 def test_unknown_optimizer_raises():
     with pytest.raises(ValueError, match="optim.name"):
         make_optimizer(_optim_cfg("sgd"), 10)
+
+
+# Adafactor: optax's, with stacked (scanned) leaves taken layer by layer.
+# [.., 130, 140] slices are factored (both dims >= 128); [3, 6] is a stacked norm scale.
+_STACKED = {"s": (3, 130, 140), "sn": (3, 6), "k": (3, 5, 2, 4)}
+_ADAFACTOR = dict(learning_rate=lambda step: 0.01, decay_rate=0.8, clipping_threshold=1.0,
+                  multiply_by_parameter_scale=True, weight_decay_rate=lambda step: 0.001)
+
+
+def _run(tx, params, grads):
+    state, out = tx.init(params), []
+    for g in grads:
+        updates, state = tx.update(g, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        out.append(params)
+    return out, state
+
+
+def _random_tree(shapes, rng, scale=1.0):
+    return {k: jnp.asarray(scale * rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+
+
+def test_adafactor_without_stacked_leaves_is_optax_adafactor():
+    rng = np.random.default_rng(0)
+    shapes = {"w": (130, 140), "b": (6,), "k": (5, 2, 4)}
+    params = _random_tree(shapes, rng)
+    grads = [_random_tree(shapes, rng, 1e-2) for _ in range(3)]
+    mask = {"w": True, "b": False, "k": True}
+    ours, ours_state = _run(adafactor(**_ADAFACTOR, weight_decay_mask=mask), params, grads)
+    theirs, their_state = _run(optax.adafactor(**_ADAFACTOR, weight_decay_mask=mask), params, grads)
+    assert jax.tree.structure(ours_state) == jax.tree.structure(their_state)
+    for a, b in zip(jax.tree.leaves((ours, ours_state)), jax.tree.leaves((theirs, their_state))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_adafactor_takes_a_stacked_leaf_layer_by_layer():
+    """Each slice of a stacked leaf moves as optax.adafactor moves it as a leaf of its own."""
+    rng = np.random.default_rng(0)
+    params = _random_tree(_STACKED, rng)
+    params["sn"] = params["sn"] * 0.1 + jnp.arange(1.0, 4.0)[:, None]  # layers of different RMS
+    grads = [_random_tree(_STACKED, rng, 1e-2) for _ in range(3)]
+    # after step 1, layer 0's gradients grow and the others' shrink: only layer
+    # 0's update has an RMS above the clipping threshold (the whole leaf's has not)
+    for g in grads[1:]:
+        g["k"] = g["k"] * jnp.array([1e3, 1e-3, 1e-3])[:, None, None, None]
+    decay = {"s": True, "sn": False, "k": True}
+    ours, _ = _run(adafactor(**_ADAFACTOR, weight_decay_mask=decay,
+                             stacked_mask={"s": True, "sn": True, "k": True}), params, grads)
+
+    def apart(tree):
+        return {f"{k}{i}": v[i] for k, v in tree.items() for i in range(v.shape[0])}
+    mask = {f"{k}{i}": decay[k] for k in _STACKED for i in range(3)}
+    theirs, _ = _run(optax.adafactor(**_ADAFACTOR, weight_decay_mask=mask), apart(params),
+                     [apart(g) for g in grads])
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        for k, v in apart(a).items():
+            np.testing.assert_allclose(v, b[k], rtol=1e-6, atol=1e-7, err_msg=f"step {step + 1} {k}")
+    # not vacuous: optax on the whole stacked leaves moves them otherwise
+    whole, _ = _run(optax.adafactor(**_ADAFACTOR, weight_decay_mask=decay), params, grads)
+    for k in _STACKED:
+        assert not np.allclose(whole[-1][k], ours[-1][k], rtol=1e-4, atol=1e-6), k

@@ -195,3 +195,33 @@ def test_scale_by_soap_has_no_learning_rate_or_decay():
     updates, state = tx.update({"w": jnp.zeros((3, 3))}, state)
     updates, state = tx.update({"w": jnp.zeros((3, 3))}, state)
     np.testing.assert_array_equal(updates["w"], 0.0)
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The precision of every dot_general in a jaxpr, sub-jaxprs (cond branches) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    found += _dot_precisions(sub)
+    return found
+
+
+def test_preconditioner_matmuls_run_at_highest_precision():
+    # Default precision is one bf16 pass on TPU and TF32 on GPU, while CPU
+    # computes float32 regardless: so the traced program itself is checked.
+    params = {"w": jnp.ones((6, 5)), "w3": jnp.ones((4, 3, 6)), "stack": jnp.ones((2, 6, 6)),
+              "b": jnp.ones((6,))}
+    tx = scale_by_soap(precondition_1d=True, merge_dims=True, max_precond_dim=12,
+                       stacked_mask={"w": False, "w3": False, "stack": True, "b": False})
+    state = tx.init(params)
+    jaxpr = jax.make_jaxpr(tx.update)(params, state).jaxpr
+    precisions = _dot_precisions(jaxpr)
+    # outer products (both branches), projections and the refresh's L Q
+    assert len(precisions) >= 20
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    assert all(p == highest for p in precisions), set(precisions)

@@ -46,7 +46,11 @@ def random_batches(config, n, seed=0):
 def run_steps(config, devices, batches):
     mesh = sharding.make_mesh(config.mesh, devices)
     prog = build_program(config, mesh)
-    state = prog.init_state(jax.random.key(0))
+    return steps(prog, prog.init_state(jax.random.key(0)), batches)
+
+
+def steps(prog, state, batches):
+    """Per-step losses and the final host parameters."""
     losses = []
     for b in batches:
         state, m = prog.train_step(state, global_batch(b, prog.batch_sharding))

@@ -319,7 +319,8 @@ def state_bytes(config) -> int:
     params = nn.unbox(jax.eval_shape(
         lambda r: model.init({"params": r, "dropout": r}, batch, deterministic=True)["params"],
         jax.random.key(0)))
-    tx, _ = optim.make_optimizer(config.optim, config.train.steps)
+    from t5lab.train_step import schedule_batch_shape
+    tx, _ = optim.make_optimizer(config.optim, config.train.steps, batch_shape=schedule_batch_shape(config))
     return total_bytes(params) + total_bytes(jax.eval_shape(tx.init, params))
 
 

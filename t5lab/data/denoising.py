@@ -21,6 +21,11 @@ class Denoiser:
     prefix_lm: bool = False
 
 
+# UL2's seven denoisers (Tay et al. 2022, arXiv 2205.05131, Sec. 3.1.2): R (mu, r) =
+# (3, 15%), (8, 15%); X = (3, 50%), (8, 50%), (64, 15%), (64, 50%); S = prefix LM.
+# Mode tokens as the released 20B model uses them ([NLU] R, [NLG] X, [S2S] S; the
+# google/ul2 model card). The same table is in the ports of the paper's appendix
+# code (Finnish-NLP/ul2-*-finnish tasks.py, levanter ul2r.py ul2_configs).
 UL2_DENOISERS = (
     Denoiser("R3", "[NLU]", 3, 0.15),
     Denoiser("R8", "[NLU]", 8, 0.15),
@@ -31,6 +36,13 @@ UL2_DENOISERS = (
     Denoiser("S", "[S2S]", prefix_lm=True),
 )
 DENOISER_NAMES = tuple(d.name for d in UL2_DENOISERS)
+# Sampling rates in DENOISER_NAMES order: S 20%, R and X 40% each, split evenly
+# within R (2 x 20%) and X (4 x 10%). Source: Finnish-NLP's UL2 models ("20% for
+# S-denoising (suggested at the paper chapter 4.5) and the rest divided equally
+# between R and X"); the paper's text itself could not be read here. The paper's
+# appendix ul2_objective samples uniformly when rates=None: UL2_UNIFORM_RATES.
+UL2_PAPER_RATES = (0.2, 0.2, 0.1, 0.1, 0.1, 0.1, 0.2)
+UL2_UNIFORM_RATES = (1.0,) * 7
 OBJECTIVES = ("ul2", "span_corruption", "prefix_lm", "causal_lm", "mlm")
 # Shortest document (or document tail) turned into an example; shorter ones are
 # counted and skipped: T5's mask needs 2 tokens to have a noise and a clean part.

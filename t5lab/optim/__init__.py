@@ -7,23 +7,25 @@ from __future__ import annotations
 import optax
 
 from t5lab.optim import schedules
+from t5lab.optim.adafactor import adafactor
 from t5lab.optim.soap import optimizer_state_bytes, scale_by_soap, soap, soap_state_specs
 
-__all__ = ["make_optimizer", "soap", "scale_by_soap", "schedules", "optimizer_state_bytes",
+__all__ = ["make_optimizer", "adafactor", "soap", "scale_by_soap", "schedules", "optimizer_state_bytes",
            "soap_state_specs"]
 
 
-def make_optimizer(o, total_steps: int, decay_mask=None, stacked_mask=None):
+def make_optimizer(o, total_steps: int, decay_mask=None, stacked_mask=None, batch_shape=None):
     """Returns (optax.GradientTransformation, schedule) for config group `o`.
 
     decay_mask: pytree of bools or callable params -> pytree of bools; decoupled
       weight decay (lr_t * weight_decay * param) only where True. None decays all.
-    stacked_mask: SOAP only — where True, a parameter's leading axis stacks
-      independent layers (scanned models) and each slice gets its own
-      preconditioner.
+    stacked_mask: where True, a parameter's leading axis stacks independent
+      layers (scanned models): SOAP gives each slice its own preconditioner,
+      Adafactor its own factoring, update clipping and parameter scale, so a
+      scanned model trains as its unscanned twin.
     Gradients are clipped to global norm `o.clip_norm` before anything else.
     """
-    schedule = schedules.from_config(o, total_steps)
+    schedule = schedules.from_config(o, total_steps, batch_shape)  # (rows, tokens/row): power counts tokens
     if o.name == "adamw":
         core = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
                            weight_decay=o.weight_decay, mask=decay_mask)
@@ -31,10 +33,10 @@ def make_optimizer(o, total_steps: int, decay_mask=None, stacked_mask=None):
         # T5: factored second moment, decay_rate 0.8, update clipping 1.0,
         # relative step (parameter scale), no momentum. optax adds its decay
         # after the learning rate, so the rate is scheduled to stay decoupled.
-        core = optax.adafactor(schedule, decay_rate=0.8, clipping_threshold=1.0,
-                               multiply_by_parameter_scale=True, factored=True, momentum=None,
-                               weight_decay_rate=lambda step: o.weight_decay * schedule(step),
-                               weight_decay_mask=decay_mask)
+        core = adafactor(schedule, decay_rate=0.8, clipping_threshold=1.0,
+                         multiply_by_parameter_scale=True, factored=True, momentum=None,
+                         weight_decay_rate=lambda step: o.weight_decay * schedule(step),
+                         weight_decay_mask=decay_mask, stacked_mask=stacked_mask)
     elif o.name == "soap":
         core = soap(schedule, b1=o.b1, b2=o.b2, shampoo_beta=o.soap_shampoo_beta, eps=o.eps,
                     weight_decay=o.weight_decay, weight_decay_mask=decay_mask,

@@ -77,6 +77,12 @@ def _plan(shape, stacked: bool, max_dim: int, merge_dims: bool, precondition_1d:
     return _Plan(stacked, merged, tuple(d <= max_dim for d in merged))
 
 
+# Every matmul of the preconditioner at full float32: the default is one bf16
+# pass on TPU and TF32 on GPU, whose error the eigenbases would accumulate.
+# (eigh and QR run their own float32 matmuls.)
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
 def _precond_dtype(dtype):
     # eigh and QR need at least float32 (no bfloat16 kernels)
     return jnp.promote_types(dtype, jnp.float32)
@@ -89,8 +95,8 @@ def _project(x, qs, plan: _Plan, back: bool = False):
     for q in qs:
         # contracting dim 0 appends the new dim last, so after all dims the
         # order is restored; an unpreconditioned dim just rotates to the end
-        x = jnp.moveaxis(x, 0, -1) if q is None else jnp.tensordot(x, q.astype(x.dtype),
-                                                                  axes=[[0], [1 if back else 0]])
+        x = jnp.moveaxis(x, 0, -1) if q is None else jnp.tensordot(
+            x, q.astype(x.dtype), axes=[[0], [1 if back else 0]], precision=_HIGHEST)
     return x.reshape(shape)
 
 
@@ -99,7 +105,7 @@ def _outer_products(g, plan: _Plan):
     out = []
     for i, on in enumerate(plan.precond):
         others = [j for j in range(g.ndim) if j != i]
-        out.append(jnp.tensordot(g, g, axes=[others, others]) if on else None)
+        out.append(jnp.tensordot(g, g, axes=[others, others], precision=_HIGHEST) if on else None)
     return tuple(out)
 
 
@@ -116,7 +122,7 @@ def _refresh_basis(gg, qs, exp_avg_sq, plan: _Plan):
         if m is None:
             new_qs.append(None)
             continue
-        mq = m @ q
+        mq = jnp.matmul(m, q, precision=_HIGHEST)
         order = jnp.argsort(-jnp.sum(q * mq, axis=0))
         v = jnp.take(v, order, axis=i)
         new_qs.append(jnp.linalg.qr(mq[:, order])[0])
