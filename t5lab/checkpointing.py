@@ -12,6 +12,7 @@ so a damaged latest step never costs the good one before it.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -173,6 +174,18 @@ class Checkpoints:
         if extra:
             raise CheckpointMismatch(f"{self.root}/{step}: has parameter {extra[0]} that this "
                                      f"config does not build (a different architecture).")
+        # Orbax would refuse these too, but naming neither the optimizer nor a fix.
+        saved_opt = {p: s for p, s in saved_flat.items() if p.startswith("opt_state/")}
+        want_opt = {p: s for p, s in want_flat.items() if p.startswith("opt_state/")}
+        if saved_opt != want_opt:
+            path = (next((p for p in want_opt if saved_opt.get(p) != want_opt[p]), None)
+                    or next(p for p in saved_opt if p not in want_opt))
+            raise CheckpointMismatch(
+                f"{self.root}/{step}: its optimizer state does not fit this config's optimizer "
+                f"({path}: saved {saved_opt.get(path, 'absent')}, built {want_opt.get(path, 'absent')}). "
+                f"It was written with another optim.name or optimizer setting, or by an older t5lab "
+                f"(Adafactor on scanned layers became per layer). Resume with the optimizer it was "
+                f"written with, or `t5lab export` it and start a new run with init.from_hf.")
 
     def restore_data(self, step: int) -> dict:
         """The saved data state: {"fingerprint": {...}, "lanes": [[start, taken, part], ...]}."""
@@ -300,12 +313,11 @@ class NoSuchStep(FileNotFoundError):
         super().__init__(f"{root}: no checkpoint of step {step}; steps: {', '.join(map(str, steps))}")
 
 
-def restore_params(checkpoint_dir: str, config=None, step: int | None = None):
-    """The `params` of a t5lab checkpoint as numpy arrays on the host.
+def open_params(checkpoint_dir: str, step: int | None = None) -> "HostParams":
+    """The `params` of a t5lab checkpoint, verified, to be read into host memory.
 
     checkpoint_dir: a workdir, its checkpoints/ folder, or a step folder; step:
-    which one (default the newest; NoSuchStep names the others). The config is
-    only used to name the file in errors; shapes come from the file."""
+    which one (default the newest; NoSuchStep names the others)."""
     root = _checkpoint_root(checkpoint_dir)
     if storage.isdir(storage.join(root, "state")):  # a step folder
         step_dir = root
@@ -319,22 +331,69 @@ def restore_params(checkpoint_dir: str, config=None, step: int | None = None):
             raise NoSuchStep(root, step, steps)
         step_dir = storage.join(root, str(step if step is not None else steps[-1]))
     verify(step_dir)  # never export flipped bits
-    state_dir = storage.join(step_dir, "state")
+    return HostParams(storage.join(step_dir, "state"))
+
+
+def restore_params(checkpoint_dir: str, config=None, step: int | None = None):
+    """The `params` of a t5lab checkpoint as numpy arrays on the host (all of
+    them: an exporter that needs less at a time uses open_params). The config
+    is unused (kept for callers that pass it); shapes come from the file."""
+    params = open_params(checkpoint_dir, step)
+    flat = params.paths()
+    tree = {}
+    for path, array in zip(flat, params.read(flat)):
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = array
+    return tree
+
+
+class HostParams:
+    """A checkpoint's `params`, read as numpy arrays straight from storage into
+    host memory (never onto a device, so a model larger than one chip's memory
+    exports), only the leaves asked for: the optimizer state is never read.
+
+    shapes: the nested dict of the params' leaf metadata (.shape, .dtype)."""
+
+    def __init__(self, state_dir: str):
+        self.state_dir = state_dir
+        with _quiet_step_metadata(), ocp.PyTreeCheckpointer() as ckptr:
+            self.shapes = ckptr.metadata(state_dir).item_metadata.tree["params"]
+
+    def paths(self) -> list[tuple[str, ...]]:
+        return [tuple(_key_name(k) for k in path)
+                for path, _ in jax.tree_util.tree_flatten_with_path(self.shapes)[0]]
+
+    def read(self, paths) -> list[np.ndarray]:
+        """The leaves at `paths` (tuples of keys under params), in one Orbax
+        restore: each costs a few tens of ms, so callers read groups of leaves."""
+        item = {}
+        for path in paths:
+            node, meta = item, self.shapes
+            for k in path[:-1]:
+                node, meta = node.setdefault(k, {}), meta[k]
+            node[path[-1]] = meta[path[-1]]
+        # restore_type np.ndarray: Orbax's NumpyHandler reads the whole array
+        # (every shard of a sharded save) into one host array, with no device.
+        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        with _quiet_step_metadata(), ocp.PyTreeCheckpointer() as ckptr:
+            restored = ckptr.restore(self.state_dir, args=ocp.args.PyTreeRestore(
+                item={"params": item}, restore_args={"params": args}, partial_restore=True))
+        out = []
+        for path in paths:
+            node = restored["params"]
+            for k in path:
+                node = node[k]
+            out.append(node)
+        return out
+
+
+@contextlib.contextmanager
+def _quiet_step_metadata():
     quiet = _NoStepMetadataWarning()
     logging.getLogger("absl").addFilter(quiet)
     try:
-        return _restore_params(state_dir)
+        yield
     finally:
         logging.getLogger("absl").removeFilter(quiet)
-
-
-def _restore_params(state_dir: str):
-    with ocp.PyTreeCheckpointer() as ckptr:
-        tree = ckptr.metadata(state_dir).item_metadata.tree
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = {"params": jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree["params"])}
-        restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True))
-    return jax.tree_util.tree_map(np.asarray, restored["params"])

@@ -9,20 +9,27 @@
 Kernels become torch Linear weights [out, in]; q/k/v [embed, heads, kv] flatten
 to [heads*kv, embed]. Configs without an HF equivalent raise ValueError naming
 the config field. Exporting needs no torch; only loading in transformers does.
+The weights are written as transformers writes them (model.safetensors, or
+shards and an index beyond max_shard_size), tensor by tensor, from params in
+memory or read from a checkpoint a group of leaves at a time.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import struct
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from t5lab.config import ARCH_KEYS, schema, validate
 
 WEIGHTS = "model.safetensors"
+INDEX = WEIGHTS + ".index.json"  # a sharded export's weight map
 MLM_HEAD = "mlm_head.safetensors"
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default
 
 
 # ------------------------------------------------------------------ configs
@@ -140,20 +147,6 @@ def config_from_hf(hf: dict, has_lm_head: bool):
 
 
 # -------------------------------------------------------------- parameters
-def _unscan(params):
-    """Scanned stacks (one `layers` module, leading axis) -> layers_0..N-1."""
-    out = {}
-    for name, sub in params.items():
-        if isinstance(sub, dict) and "layers" in sub and name in ("encoder", "decoder"):
-            sub = dict(sub)
-            stacked = sub.pop("layers")
-            n = len(next(iter(_leaves(stacked))))
-            for i in range(n):
-                sub[f"layers_{i}"] = _map(lambda a, i=i: a[i], stacked)
-        out[name] = sub
-    return out
-
-
 def _scan(params, names=("encoder", "decoder")):
     out = dict(params)
     for name in names:
@@ -164,14 +157,6 @@ def _scan(params, names=("encoder", "decoder")):
             sub["layers"] = _map(lambda *xs: np.stack(xs), *layers)
             out[name] = sub
     return out
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree
 
 
 def _map(fn, *trees):
@@ -249,24 +234,51 @@ def _head_fold(config, hf_json) -> float:
     return 1.0
 
 
+def _tensors(m, shapes) -> list[tuple[str, tuple[str, ...], int | None, str, tuple[int, ...]]]:
+    """(HF name, source leaf path, layer index into a scanned stack or None, kind,
+    HF shape) for every tensor, from the params' shapes alone; ordered by source
+    leaf, so a writer that reads the leaves in this order needs each only once
+    (a scanned stack's layers are consecutive)."""
+    rows, first = [], {}
+    for path, name, kind in _name_map(m):
+        layer = None
+        if len(path) > 1 and path[1].startswith("layers_") and "layers" in shapes.get(path[0], {}):
+            path, layer = (path[0], "layers") + path[2:], int(path[1][7:])
+        shape = tuple(_get(shapes, path).shape)[0 if layer is None else 1:]
+        if kind == "qkv":  # [embed, heads, kv] -> [heads*kv, embed]
+            shape = (int(np.prod(shape[1:])), shape[0])
+        elif kind == "out":  # [heads, kv, embed] -> [embed, heads*kv]
+            shape = (shape[-1], int(np.prod(shape[:-1])))
+        elif kind == "T":
+            shape = shape[::-1]
+        first.setdefault(path, len(first))
+        rows.append((name, path, layer, kind, shape))
+    return sorted(rows, key=lambda r: first[r[1]])  # stable: layer order kept
+
+
+def _hf_view(a, layer, kind):
+    """The HF layout of one source leaf (a layer of it): views, no copies."""
+    a = a[layer] if layer is not None else a
+    if kind == "qkv":
+        return a.reshape(a.shape[0], -1).T
+    if kind == "out":
+        return a.reshape(-1, a.shape[-1]).T
+    return a.T if kind == "T" else a
+
+
+def _float32(a, fold: float = 1.0) -> np.ndarray:
+    if fold != 1.0:  # in float64, as from_hf_state divides: the round trip is exact
+        a = np.array(a, np.float64)
+        a *= fold
+    return np.ascontiguousarray(a, dtype="<f4")
+
+
 def to_hf_state(params, config) -> dict[str, np.ndarray]:
     """Flat {HF name: float32 array} (the encoder's MLM head included as lm_head.weight)."""
-    m = config.model
-    params = _unscan(_map(np.asarray, dict(params)))
     fold = _head_fold(config, hf_config(config))
-    state = {}
-    for path, name, kind in _name_map(m):
-        a = np.asarray(_get(params, path), np.float32)
-        if kind == "qkv":
-            a = a.reshape(a.shape[0], -1).T
-        elif kind == "out":
-            a = a.reshape(-1, a.shape[-1]).T
-        elif kind == "T":
-            a = a.T
-        if name == "lm_head.weight" and fold != 1.0:
-            a = (a.astype(np.float64) * fold).astype(np.float32)
-        state[name] = np.ascontiguousarray(a)
-    return state
+    return {name: _float32(_hf_view(np.asarray(_get(params, path)), layer, kind),
+                           fold if name == "lm_head.weight" else 1.0)
+            for name, path, layer, kind, _ in _tensors(config.model, params)}
 
 
 def from_hf_state(state, config, hf_json=None) -> dict:
@@ -299,22 +311,154 @@ def _umask() -> int:
         return mask
 
 
-def _save_weights(tensors: dict, path: str) -> None:
-    """safetensors' save_file leaves its file 0600 whatever the umask; an
-    exported model gets the permissions of any other file written here."""
-    save_file(tensors, path, metadata={"format": "pt"})
-    os.chmod(path, 0o666 & ~_umask())
+def parse_size(size) -> int:
+    """Bytes from an int or a string like transformers' max_shard_size: "5GB"
+    (10**9), "500MB", "2GiB" (2**30), "4096" (bytes)."""
+    text = str(size).strip()
+    units = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3,
+             "TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "B": 1}
+    unit = next((u for u in units if text.upper().endswith(u)), "")
+    try:
+        value = float(text[:len(text) - len(unit)]) * units.get(unit, 1)
+    except ValueError:
+        value = -1
+    if not 1 <= value < float("inf"):
+        raise ValueError(f"{size!r} is not a size in bytes like 5GB, 500MB or 2GiB")
+    return int(value)
 
 
-def save_pretrained(params, config, out_dir: str, spm_model: str | None = None) -> str:
-    """Writes config.json + model.safetensors (+ mlm_head.safetensors for an
-    untied encoder-only head, + tokenizer files when spm_model is given)."""
+def _shard_names(sizes: list[int], max_bytes: int) -> list[str]:
+    """The file of each tensor, split as transformers' save_pretrained splits
+    (a new shard when the next tensor would tip the current one over max_bytes,
+    a larger tensor alone in its own, one shard keeps the plain name), except
+    that each shard is a run of consecutive tensors, so the files are written
+    reading the sources once, in order."""
+    ids, n, current = [], 0, 0
+    for size in sizes:
+        if n == 0 or current + size > max_bytes:
+            n, current = n + 1, 0
+        ids.append(n)
+        current += size
+    if n == 1:
+        return [WEIGHTS] * len(sizes)
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in ids]
+
+
+_BLOCK_BYTES = 1 << 24  # float32 bytes of one tensor's rows converted and written at a time
+# Bytes of source leaves per checkpoint read. Each read parses the whole
+# checkpoint's metadata (measured: 0.5 s for a state of 1,700 leaves), and the
+# host holds about 1.2x a group while reading it (the reader's buffers).
+READ_BATCH_BYTES = 1 << 30
+
+
+class _Sources:
+    """Source leaves by path, from a nested dict of arrays or from an object with
+    .shapes and .read(paths) (checkpointing.HostParams): read in groups of about
+    READ_BATCH_BYTES in first-use order, each group dropped before the next is
+    read, so the host holds one group rather than the model."""
+
+    def __init__(self, params, order):
+        self.params, self.lazy = params, hasattr(params, "read")
+        self.group_of, self.groups, self.loaded, size = {}, [[]], {}, 0
+        for path in order:
+            meta = _get(params.shapes, path) if self.lazy else None
+            nbytes = int(np.prod(meta.shape)) * np.dtype(meta.dtype).itemsize if self.lazy else 0
+            if self.groups[-1] and size + nbytes > READ_BATCH_BYTES:
+                self.groups.append([])
+                size = 0
+            self.groups[-1].append(path)
+            self.group_of[path] = len(self.groups) - 1
+            size += nbytes
+
+    def get(self, path):
+        if path not in self.loaded:
+            self.loaded = {}  # freed before the next group is read
+            if self.lazy:
+                group = self.groups[self.group_of[path]]
+                self.loaded = dict(zip(group, self.params.read(group)))
+            else:  # one leaf (a device array comes to the host once, not once per layer)
+                self.loaded = {path: np.asarray(_get(self.params, path))}
+        return self.loaded[path]
+
+
+def _write_safetensors(path: str, tensors, fetch) -> None:
+    """A float32 safetensors file written tensor by tensor, a block of rows at a
+    time, so no whole-file buffer exists (safetensors' save_file takes a dict of
+    every tensor and copies each to bytes). tensors: [(name, shape)] in file
+    order; fetch(name) -> that tensor, in any layout. Written under a temporary
+    name and renamed: an interrupted export leaves no truncated file. The file
+    gets the permissions of any other file written here (save_file's are 0600)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in tensors:
+        end = offset + 4 * int(np.prod(shape))
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes, as safetensors writes it
+    tmp = path + ".t5lab-tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape in tensors:
+            a, fold = fetch(name)
+            if tuple(a.shape) != tuple(shape):
+                raise ValueError(f"{name}: shape {a.shape}, planned {shape}")
+            rows = max(1, _BLOCK_BYTES // max(1, 4 * int(np.prod(shape[1:]))))
+            for r in range(0, max(1, shape[0] if shape else 1), rows):
+                f.write(memoryview(_float32(a[r:r + rows] if shape else a, fold)).cast("B"))
+            del a
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
+def _remove_stale_weights(out_dir: str, keep: set[str]) -> None:
+    """A previous export's weight files the new one does not rewrite: left, a
+    stale model.safetensors would shadow a new index (and stale shards linger)."""
+    shard = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+    for name in os.listdir(out_dir):
+        if name not in keep and (name in (WEIGHTS, INDEX) or shard.fullmatch(name)):
+            os.remove(os.path.join(out_dir, name))
+
+
+def save_pretrained(params, config, out_dir: str, spm_model: str | None = None,
+                    max_shard_size=DEFAULT_MAX_SHARD_SIZE) -> str:
+    """Writes config.json + the weights (+ mlm_head.safetensors for an untied
+    encoder-only head, + tokenizer files when spm_model is given).
+
+    params: a nested dict of arrays, or checkpointing.HostParams, whose leaves
+    are read a group at a time, converted and written a block at a time: peak
+    host memory is about one read group, not the model. The weights go to
+    model.safetensors, or when larger than max_shard_size (as transformers'
+    save_pretrained) to model-0000i-of-0000N.safetensors shards and
+    model.safetensors.index.json."""
+    max_bytes = parse_size(max_shard_size)
     hf = hf_config(config)
-    state = to_hf_state(params, config)
+    fold = _head_fold(config, hf)
+    rows = _tensors(config.model, params.shapes if hasattr(params, "read") else params)
+    sources = _Sources(params, list(dict.fromkeys(r[1] for r in rows)))
+    by_name = {r[0]: r for r in rows}
+
+    def fetch(name):
+        _, path, layer, kind, _ = by_name[name]
+        return _hf_view(sources.get(path), layer, kind), fold if name == "lm_head.weight" else 1.0
+
     os.makedirs(out_dir, exist_ok=True)
-    if config.model.arch == "encoder" and "lm_head.weight" in state:
-        _save_weights({"lm_head.weight": state.pop("lm_head.weight")}, os.path.join(out_dir, MLM_HEAD))
-    _save_weights(state, os.path.join(out_dir, WEIGHTS))
+    head = [r for r in rows if config.model.arch == "encoder" and r[0] == "lm_head.weight"]
+    model = [r for r in rows if r not in head]
+    files = _shard_names([4 * int(np.prod(r[4])) for r in model], max_bytes)
+    # Tensors in source order, files in order (the head's source is the last
+    # leaf): each source group is read once.
+    for file in dict.fromkeys(files):
+        _write_safetensors(os.path.join(out_dir, file),
+                           [(r[0], r[4]) for r, f in zip(model, files) if f == file], fetch)
+    if head:
+        _write_safetensors(os.path.join(out_dir, MLM_HEAD), [(head[0][0], head[0][4])], fetch)
+    if len(set(files)) > 1:
+        sizes = [int(np.prod(r[4])) for r in model]
+        index = {"metadata": {"total_parameters": sum(sizes), "total_size": 4 * sum(sizes)},
+                 "weight_map": {r[0]: f for r, f in zip(model, files)}}
+        with open(os.path.join(out_dir, INDEX), "w") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _remove_stale_weights(out_dir, set(files) | ({INDEX} if len(set(files)) > 1 else set()))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
@@ -366,7 +510,7 @@ def _weight_names(hf_dir: str) -> set[str]:
         with safe_open(path, "np") as f:
             names = set(f.keys())
     else:
-        index = os.path.join(hf_dir, WEIGHTS + ".index.json")
+        index = os.path.join(hf_dir, INDEX)
         if not os.path.exists(index):
             raise FileNotFoundError(f"config.init.from_hf: {hf_dir} has no {WEIGHTS} (or its index)")
         with open(index) as f:
@@ -424,7 +568,7 @@ def _read_state(hf_dir):
     path = os.path.join(hf_dir, WEIGHTS)
     if os.path.exists(path):
         return load_file(path)
-    index = os.path.join(hf_dir, WEIGHTS + ".index.json")  # sharded checkpoints
+    index = os.path.join(hf_dir, INDEX)  # sharded checkpoints
     with open(index) as f:
         files = sorted(set(json.load(f)["weight_map"].values()))
     state = {}

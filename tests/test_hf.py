@@ -184,3 +184,42 @@ def test_exporter_names_the_field_without_hf_equivalent(field, value, arch):
     config = make_config(**dict(base, **{field: value}))
     with pytest.raises(ValueError, match=f"model.{field}"):
         hf.hf_config(config)
+
+
+def test_scanned_checkpoint_exports_in_shards_that_transformers_loads(case, tmp_path, monkeypatch):
+    """A real Orbax checkpoint of scanned params, read a few leaves at a time
+    (checkpointing.HostParams) and written in several shards: transformers
+    computes what the scanned t5lab model computes."""
+    from t5lab import checkpointing
+    config = make_config(**CASES[case["name"]], scan_layers=True)
+    model = models.build(config)
+    params = jax.tree.map(np.asarray, nn.unbox(model.init(jax.random.key(2), models.dummy_batch(config, 1))["params"]))
+    assert "layers" in params["decoder" if config.model.arch == "decoder" else "encoder"]
+    ckpts = checkpointing.Checkpoints(str(tmp_path / "run"), config.checkpoint, save_data=False)
+    ckpts.save(1, {"step": np.int32(1), "params": params, "opt_state": {"mu": params}}, force=True)
+    ckpts.close()
+    monkeypatch.setattr(hf, "READ_BATCH_BYTES", 60_000)  # several reads
+    out = str(tmp_path / "hf")
+    hf.save_pretrained(checkpointing.open_params(str(tmp_path / "run")), config, out, max_shard_size="50KB")
+
+    with open(os.path.join(out, hf.INDEX)) as f:
+        index = json.load(f)
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not os.path.exists(os.path.join(out, hf.WEIGHTS))
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    tensors = {}
+    for name in files:
+        shard = load_file(os.path.join(out, name))
+        assert all(index["weight_map"][k] == name for k in shard)
+        tensors.update(shard)
+    assert set(tensors) == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in tensors.values())
+    hf_model = case["cls"].from_pretrained(out).eval()
+    want, valid = hf_forward(hf_model, config, case["batch"])
+    encoder_only = config.model.arch == "encoder"
+    got = np.asarray(model.apply({"params": params}, case["batch"], return_hidden=encoder_only))
+    assert np.abs(got - want)[valid].max() < 1e-4
+    if encoder_only:
+        head = load_file(os.path.join(out, hf.MLM_HEAD))["lm_head.weight"]
+        logits = np.asarray(model.apply({"params": params}, case["batch"]))
+        assert np.abs(logits - want @ head.T)[valid].max() < 1e-4
