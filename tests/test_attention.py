@@ -97,3 +97,26 @@ def test_config_names_the_key():
     config.model.attention, config.model.dropout_rate = "dpa", 0.1
     with pytest.raises(ConfigError, match="model.attention"):
         validate(config)
+
+
+def test_flash_under_a_mesh_runs_per_shard_and_equals_xla(monkeypatch):
+    """Batch over fsdp, heads over tensor (shard_map): logits and gradients,
+    the relative-bias table's summed over the batch shards, equal `xla`."""
+    import flax.linen as nn
+    from t5lab import sharding
+    monkeypatch.setattr(attention, "FLASH_INTERPRET", True)
+    kw = dict(ARCHS["encoder_decoder"], num_heads=4)
+    xla_cfg = make_config(ENC, DEC, attention="xla", **kw)
+    _, _, params = init(xla_cfg)
+    batch = _packed_batch("encoder_decoder", np.random.default_rng(1))
+    valid = _valid("encoder_decoder", batch)
+    ref_logits, ref_grads = _loss_and_grads(xla_cfg, params, batch, valid)
+    cfg = make_config(ENC, DEC, attention="flash", **kw)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 1, 2
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        sharded = jax.device_put(batch, sharding.batch_sharding(mesh))
+        logits, grads = _loss_and_grads(cfg, params, sharded, valid)
+    np.testing.assert_allclose(logits[valid], ref_logits[valid], atol=2e-5, rtol=1e-5)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))

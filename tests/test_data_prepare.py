@@ -271,7 +271,7 @@ def test_a_long_raw_document_is_read_in_parts_that_resume_exactly(corpus, tmp_pa
     c = _config(corpus, source="text", paths=str(tmp_path / "t.txt"), eval_fraction=0.0)
     c.train.batch_size = 1
     stream = pipeline.make_dataset(c, tokenizer_path=corpus[1], process_index=0, process_count=1)
-    order = [stream.blocks.docs[i] for i in range(6)]
+    order = [stream.blocks.phases[0][i] for i in range(6)]
     start = order.index(long)
     parts = tokenizer.split_long(long, 2000, True)
     assert len(parts) > 5

@@ -146,6 +146,22 @@ def flash(q, k, v, masking: Masking, table=None, *, relpos=None, scale: float):
     if mesh.empty or all(size == 1 for size in mesh.shape.values()):
         return call(*args)
     batch, _, heads, _ = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+    # An axis that does not split evenly (init's one-row dummy batch) stays whole.
+    batch = batch if b % _size(mesh, batch) == 0 else None
+    heads = heads if q.shape[2] % _size(mesh, heads) == 0 else None
     x, row = P(batch, None, heads, None), P(batch, None)
     specs = (x, x, x, row, row, None if prefix is None else row, None if table is None else P(heads, None))
-    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=x)(*args)
+    # check_vma=False: the Pallas call has no varying-axes rule; the transpose then
+    # sums the replicated table's gradient over the batch shards itself.
+    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=x, check_vma=False)(*args)
+
+
+def _size(mesh, axes) -> int:
+    """Devices along mesh axis name(s) `axes` (None: 1)."""
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else axes
+    size = 1
+    for n in names:
+        size *= mesh.shape[n]
+    return size
