@@ -3,6 +3,9 @@ in-process. Must run before anything imports jax's backend."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests that compile for TPU topologies (in-process and in tool subprocesses)
+# load libtpu concurrently under xdist; without this its lockfile refuses all but one.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 
