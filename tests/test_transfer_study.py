@@ -41,7 +41,7 @@ def study(tmp_path_factory):
         pages.mkdir()
         corpus = "text:" + german_pages(pages)
     env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
     env["JAX_PLATFORMS"] = "cpu"
     out = d / "study.json"
     t0 = time.time()
