@@ -37,14 +37,16 @@ import jax.numpy as jnp
 FOLD_WIDTH = 32
 
 
-def compiling_for_cpu() -> bool:
-    """Whether the program being traced is for CPU devices: the platform of the
-    current mesh (a TPU topology's when planning on a CPU host), else JAX's
-    default backend."""
+def compiling_platform() -> str:
+    """The platform the traced program is for: the current mesh's devices (a
+    TPU topology's when planning on a CPU host), else JAX's default backend."""
     mesh = jax.sharding.get_abstract_mesh()
     device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    platform = device.platform if device is not None else jax.default_backend()
-    return platform == "cpu"
+    return device.platform if device is not None else jax.default_backend()
+
+
+def compiling_for_cpu() -> bool:
+    return compiling_platform() == "cpu"
 
 
 def row_max(x, fold: bool = True):

@@ -188,16 +188,18 @@ def _phase_weights(config) -> list[list[float]]:
     return [[w for *_, w in _all_items(config)]] + [ws for _, ws in parse_schedule(config)]
 
 
+def _used(config) -> list[bool]:
+    """Per item of `_all_items`: whether some phase draws from it (weight > 0)."""
+    return [any(w > 0 for w in col) for col in zip(*_phase_weights(config))]
+
+
 def _items(config) -> list[tuple[str, str, float]]:
-    """The items some phase draws from (weight > 0), with their first weights."""
-    used = [any(ws[i] > 0 for ws in _phase_weights(config)) for i in range(len(_all_items(config)))]
-    return [item for item, u in zip(_all_items(config), used) if u]
+    """The items some phase draws from, with their first weights."""
+    return [item for item, u in zip(_all_items(config), _used(config)) if u]
 
 
 def _used_weights(config, phase: int) -> list[float]:
-    ws = _phase_weights(config)
-    used = [any(w[i] > 0 for w in ws) for i in range(len(ws[0]))]
-    return [w for w, u in zip(ws[phase], used) if u]
+    return [w for w, u in zip(_phase_weights(config)[phase], _used(config)) if u]
 
 
 def _open(config, split: str):

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from t5lab.cpu_kernels import compiling_platform
+
 F32 = jnp.float32
 IMPLEMENTATIONS = ("auto", "xla", "dpa", "cudnn", "flash")
 # Set by tests only: run the Pallas kernel in interpret mode on CPU.
@@ -58,14 +60,6 @@ def dense_mask(m: Masking, q_len: int, k_len: int):
     if m.q_segments is not None and m.kv_segments is not None:
         mask = mask & (m.q_segments[:, None, :, None] == m.kv_segments[:, None, None, :])
     return mask
-
-
-def compiling_platform() -> str:
-    """The platform the traced program is for: the current mesh's devices (a
-    TPU topology's when planning on a CPU host), else JAX's default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
 
 
 def resolve(name: str, dtype, decode: bool = False, dropout_rate: float = 0.0) -> str:
