@@ -13,11 +13,19 @@ import os
 
 import ml_collections
 
+# The choices of each key, listed here only: validation and the code that
+# implements them (models, optim, data) read these tuples.
 ARCHS = ("encoder_decoder", "decoder", "encoder")
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 DTYPES = ("float32", "bfloat16")
+POSITIONS = ("relative", "rope")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
 ATTENTIONS = ("auto", "xla", "dpa", "cudnn", "flash")
+OPTIMIZERS = ("adamw", "adafactor", "soap")
+SCHEDULES = ("constant", "cosine", "rsqrt", "wsd", "power", "linear")
+SOURCES = ("embedded", "text", "jsonl", "parquet", "tfds", "hf", "prepared", "mixture")
+DOC_PER = ("line", "file")
+OBJECTIVES = ("ul2", "span_corruption", "prefix_lm", "causal_lm", "mlm")
 # The model keys that decide the parameters' shapes and meaning: a checkpoint
 # (t5lab's or Hugging Face's) holds a model only for its values of these.
 ARCH_KEYS = ("arch", "vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_layers",
@@ -40,7 +48,7 @@ def schema() -> ml_collections.ConfigDict:
     m.num_decoder_layers = -1    # -1: same as num_layers
     m.activation = "gelu_tanh"   # T5 v1.1 gated-gelu uses the tanh approximation
     m.gated_mlp = True           # T5 v1.1 / UL2: wi_0, wi_1 -> act(wi_0 x) * wi_1 x
-    m.position = "relative"      # "relative" (T5 bias) or "rope" (decoder-only)
+    m.position = "relative"      # one of POSITIONS: "relative" (T5 bias) or "rope" (decoder-only)
     m.relpos_buckets = 32
     m.relpos_max_distance = 128
     m.relpos_per_layer = False   # umT5: one bias table per layer instead of per stack
@@ -56,7 +64,7 @@ def schema() -> ml_collections.ConfigDict:
 
     # ----------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
-    d.source = "embedded"        # embedded | text | jsonl | parquet | tfds | hf | prepared | mixture
+    d.source = "embedded"        # one of SOURCES
     d.paths = ""                 # glob(s) for text/jsonl/parquet, comma separated
     d.text_field = "text"        # field holding the text in JSONL/Parquet rows
     d.doc_per = "line"           # text files: a document per "line" or per "file"
@@ -68,7 +76,7 @@ def schema() -> ml_collections.ConfigDict:
     d.mixture = ""               # "source_spec=weight,..." see t5lab/data/sources.py
     d.mixture_schedule = ""      # "FRACTION=w1,w2,...;..." mixture weights from that fraction of train.steps on
     d.tokenizer = ""             # SentencePiece .model; "" trains one on the embedded corpus
-    d.objective = "ul2"          # ul2 | span_corruption | prefix_lm | causal_lm | mlm
+    d.objective = "ul2"          # one of OBJECTIVES
     d.ul2_rates = ""             # 7 comma-separated rates (R1,R2,X1..X4,S); "" uniform
     d.noise_density = 0.15       # span corruption
     d.mean_span_length = 3.0     # span corruption
@@ -81,9 +89,9 @@ def schema() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- optim
     o = c.optim = ml_collections.ConfigDict()
-    o.name = "adamw"             # adamw | adafactor | soap
+    o.name = "adamw"             # one of OPTIMIZERS
     o.learning_rate = 3e-3       # peak rate
-    o.schedule = "cosine"        # constant | cosine | rsqrt | wsd | power | linear
+    o.schedule = "cosine"        # one of SCHEDULES
     o.warmup_steps = 50
     o.decay_steps = -1           # -1: train.steps
     o.end_lr_fraction = 0.1      # cosine/linear/wsd floor as a fraction of peak; power: of its rate at decay start (paper: 0)
@@ -174,7 +182,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(m.num_decoder_layers == -1 or m.num_decoder_layers > 0,
              "model.num_decoder_layers", "must be -1 (same as num_layers) or positive")
     _require(m.activation in ACTIVATIONS, "model.activation", f"{m.activation!r} is not one of {ACTIVATIONS}")
-    _require(m.position in ("relative", "rope"), "model.position", "must be 'relative' or 'rope'")
+    _require(m.position in POSITIONS, "model.position", f"{m.position!r} is not one of {POSITIONS}")
     _require(m.position == "relative" or m.arch == "decoder", "model.position",
              "rope is only implemented for the decoder-only model")
     _require(m.position != "rope" or m.head_dim % 2 == 0, "model.head_dim", "must be even for rope")
@@ -211,11 +219,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"got {k.keep}")
 
     o = c.optim
-    _require(o.name in ("adamw", "adafactor", "soap"), "optim.name",
-             f"{o.name!r} is not one of adamw, adafactor, soap")
+    _require(o.name in OPTIMIZERS, "optim.name", f"{o.name!r} is not one of {OPTIMIZERS}")
     _require(o.learning_rate > 0, "optim.learning_rate", "must be positive")
-    _require(o.schedule in ("constant", "cosine", "rsqrt", "wsd", "power", "linear"),
-             "optim.schedule", f"{o.schedule!r} is unknown")
+    _require(o.schedule in SCHEDULES, "optim.schedule", f"{o.schedule!r} is not one of {SCHEDULES}")
     _require(0 <= o.b1 < 1, "optim.b1", "must be in [0, 1)")
     _require(0 <= o.b2 < 1, "optim.b2", "must be in [0, 1)")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")

@@ -11,13 +11,6 @@ import jax.numpy as jnp
 from t5lab.cpu_kernels import row_max as _row_max
 
 
-def target_names(arch: str) -> tuple[str, str]:
-    """(targets, loss_weights) feature names of the batch contract."""
-    if arch == "encoder":
-        return "encoder_target_tokens", "encoder_loss_weights"
-    return "decoder_target_tokens", "decoder_loss_weights"
-
-
 def cross_entropy_sums(logits, targets, weights, z_loss: float, denoiser_ids=None,
                        num_denoisers: int = 0):
     """Weighted sums over all tokens of a [batch, length, vocab] logits array.

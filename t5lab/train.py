@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import logging
 import os
 import signal
@@ -23,10 +24,11 @@ import time
 import jax
 import numpy as np
 
-from t5lab import checkpointing, sharding, storage
+from t5lab import batch as contract, checkpointing, sharding, storage
 from t5lab import config as config_lib
 from t5lab import metrics as metrics_lib
-from t5lab.train_step import build_program, global_batch, num_denoisers, params_by_stack
+from t5lab.train_step import (build_program, global_batch, num_denoisers, params_by_stack,
+                              schedule_batch_shape)
 
 log = logging.getLogger("t5lab")
 
@@ -389,22 +391,13 @@ def _window_summary(window, names, step_s, config, flops_per_step, peak) -> dict
         for i, name in enumerate(names):
             if den_w[i] > 0:
                 mean[f"loss_{name}"] = float(den_ce[i] / den_w[i])
-    tokens = config.train.batch_size * _row_tokens(config)
+    tokens = math.prod(schedule_batch_shape(config))
     mean["step_s"] = step_s
     mean["tokens_per_s"] = tokens / step_s
     mean["nonpad_tokens_per_s"] = tokens * mean["nonpad_fraction"] / step_s
     if peak:
         mean["mfu"] = flops_per_step / step_s / (jax.device_count() * peak * 1e12)
     return mean
-
-
-def _row_tokens(config) -> int:
-    d = config.data
-    if config.model.arch == "encoder_decoder":
-        return d.inputs_length + d.targets_length
-    if config.model.arch == "decoder":
-        return d.inputs_length + d.targets_length
-    return d.inputs_length
 
 
 def _model_flops(config, params, head: bool = True) -> float:
@@ -416,12 +409,9 @@ def _model_flops(config, params, head: bool = True) -> float:
         counts["head"] += m.vocab_size * m.d_model
     if not head:
         counts["head"] = 0
-    if m.arch == "encoder_decoder":
-        enc_len, dec_len = d.inputs_length, d.targets_length
-    elif m.arch == "decoder":
-        enc_len, dec_len = 0, d.inputs_length + d.targets_length
-    else:
-        enc_len, dec_len = d.inputs_length, 0
+    lengths = contract.stack_lengths(m.arch, d.inputs_length, d.targets_length)
+    enc_len, dec_len = lengths["encoder"], lengths["decoder"]
+    if m.arch == "encoder":
         counts["encoder"] += counts.pop("head")
     return metrics_lib.model_flops_per_step(m, counts, b * enc_len, b * dec_len, enc_len, dec_len)
 

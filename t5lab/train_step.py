@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from t5lab import losses, models, optim, sharding
+from t5lab import batch as contract, losses, models, optim, sharding
 
 
 def decay_mask_fn(optim_cfg) -> Callable:
@@ -42,26 +42,19 @@ def decay_mask_fn(optim_cfg) -> Callable:
     return mask
 
 
-PACKING_FEATURES = ("encoder_segment_ids", "decoder_segment_ids", "encoder_positions",
-                    "decoder_positions")
-
-
 def batch_spec(config) -> dict[str, int]:
     """Feature name -> row length for the batches this config trains on."""
-    dummy = models.dummy_batch(config, 1)
-    shapes = {k: v.shape[1] for k, v in dummy.items()
-              if config.data.pack or k not in PACKING_FEATURES}
-    if config.data.objective == "ul2":
-        tgt, _ = losses.target_names(config.model.arch)
-        shapes["denoiser_ids"] = shapes[tgt]
-    return shapes
+    d, arch = config.data, config.model.arch
+    shapes = contract.shapes(arch, 1, d.inputs_length, d.targets_length)
+    names = contract.features(arch, packed=d.pack, denoiser_ids=d.objective == "ul2")
+    return {k: shapes[k][1] for k in names}
 
 
 def schedule_batch_shape(config) -> tuple[int, int]:
-    """(rows per step, tokens per row) for token-based schedules (optim.schedule=power);
-    tokens per row as train.py's _row_tokens counts them for tokens_per_s."""
+    """(rows per step, tokens per row) for token-based schedules (optim.schedule=power),
+    the tokens as tokens_per_s counts them."""
     d = config.data
-    return config.train.batch_size, d.inputs_length + (d.targets_length if config.model.arch != "encoder" else 0)
+    return config.train.batch_size, contract.row_tokens(config.model.arch, d.inputs_length, d.targets_length)
 
 
 def num_denoisers(config) -> int:
@@ -103,7 +96,7 @@ def build_program(config, mesh, total_steps: int | None = None) -> TrainProgram:
     model = models.build(config)
     m = config.model
     arch = m.arch
-    tgt_name, w_name = losses.target_names(arch)
+    tgt_name, w_name = contract.target_names(arch)
     n_den = num_denoisers(config)
     total_steps = total_steps or config.train.steps
     dropout = m.dropout_rate > 0

@@ -86,3 +86,20 @@ def test_a_config_file_that_does_not_load_is_one_error_naming_it(tmp_path, body,
     with pytest.raises(ConfigError, match="mine.py") as err:
         config_lib.load(str(path))
     assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_listed_choice_has_an_implementation():
+    """The schema's choice lists are what the code implements, no more, no less."""
+    from t5lab.models.layers import ACTIVATIONS
+    from t5lab.models.transformer import REMAT_POLICIES
+    assert set(ACTIVATIONS) == set(config_lib.ACTIVATIONS)
+    assert set(REMAT_POLICIES) | {"none"} == set(config_lib.REMAT_POLICIES)
+    from t5lab.optim import make_optimizer, schedules
+    for name in config_lib.OPTIMIZERS:
+        o = config_lib.schema().optim
+        o.name = name
+        make_optimizer(o, 100)
+    for name in config_lib.SCHEDULES:
+        o = config_lib.schema().optim
+        o.schedule = name
+        schedules.from_config(o, 100, (2, 8))(3)

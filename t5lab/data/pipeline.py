@@ -35,6 +35,7 @@ import sys
 import grain
 import numpy as np
 
+from t5lab import batch as contract, config as config_lib
 from t5lab.data import denoising, packing, prepared, sources
 from t5lab.data.tokenizer import Tokenizer, split_long
 
@@ -72,16 +73,16 @@ def _key(name: str, ok: bool, why: str):
 def validate(config, process_count: int = 1):
     """Checks the data keys (and the batch split) before any work starts."""
     d, arch = config.data, config.model.arch
-    _key("source", d.source in sources.KINDS, f"{d.source!r} is not one of {sources.KINDS}")
+    _key("source", d.source in config_lib.SOURCES, f"{d.source!r} is not one of {config_lib.SOURCES}")
     if d.source in ("text", "jsonl", "parquet", "hf", "prepared"):
         _key("paths", bool(d.paths.strip()), f"source {d.source!r} needs paths (comma-separated globs)")
-    _key("doc_per", d.doc_per in ("line", "file"), f"{d.doc_per!r} is not 'line' or 'file'")
+    _key("doc_per", d.doc_per in config_lib.DOC_PER, f"{d.doc_per!r} is not one of {config_lib.DOC_PER}")
     if d.source == "tfds":
         _key("tfds_name", bool(d.tfds_name), "source 'tfds' needs a dataset name, e.g. 'c4/en:3.1.0'")
     if d.source == "mixture":
         sources.parse_mixture(d.mixture)
     phase_starts(config)
-    _key("objective", d.objective in denoising.OBJECTIVES, f"{d.objective!r} is not one of {denoising.OBJECTIVES}")
+    _key("objective", d.objective in config_lib.OBJECTIVES, f"{d.objective!r} is not one of {config_lib.OBJECTIVES}")
     if arch == "encoder":
         _key("objective", d.objective == "mlm", f"the encoder-only model trains with 'mlm', not {d.objective!r}")
     else:
@@ -336,7 +337,7 @@ class _LaneBlocks:
         self.lanes, self.split = config.train.batch_size, SPLITS.index(split)
         self.arch, self.pack, self.seed = config.model.arch, d.pack, d.seed
         self.lengths = (d.inputs_length, d.targets_length)
-        self.chars = BLOCK_CHARS_PER_ROW_TOKEN * sum(packing.row_lengths(self.arch, *self.lengths))
+        self.chars = BLOCK_CHARS_PER_ROW_TOKEN * contract.row_tokens(self.arch, *self.lengths)
         self._tok = None
 
     def __getstate__(self):  # workers reload the tokenizer from its path

@@ -28,9 +28,10 @@ import sysconfig
 
 import numpy as np
 
+from t5lab.config import SOURCES
+
 log = logging.getLogger(__name__)
 
-KINDS = ("embedded", "text", "jsonl", "parquet", "tfds", "hf", "prepared", "mixture")
 # Parts of the standard library that are not prose or idiomatic code.
 _EMBEDDED_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
@@ -608,7 +609,7 @@ def open_source(kind: str, arg: str, data, split: str) -> tuple[_Source, bool]:
         return LineSource(files, "jsonl", data.text_field), False
     if kind == "parquet":
         return ParquetSource(files, data.text_field), False
-    raise ValueError(f"config.data.source: unknown kind {kind!r}; one of {KINDS}")
+    raise ValueError(f"config.data.source: unknown kind {kind!r}; one of {SOURCES}")
 
 
 def split_source(source: _Source, has_split: bool, split: str, eval_fraction: float) -> _Source:
@@ -709,8 +710,8 @@ def parse_mixture(spec: str) -> list[tuple[str, str, float]]:
         if not eq:
             raise ValueError(f"config.data.mixture: item {item!r} needs '=weight'")
         kind, _, arg = body.partition(":")
-        if kind not in KINDS[:-1]:
-            raise ValueError(f"config.data.mixture: item {item!r}: kind {kind!r} is not one of {KINDS[:-1]}")
+        if kind not in SOURCES[:-1]:
+            raise ValueError(f"config.data.mixture: item {item!r}: kind {kind!r} is not one of {SOURCES[:-1]}")
         if kind != "embedded" and not arg:
             raise ValueError(f"config.data.mixture: item {item!r} needs '{kind}:<path or name>'")
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from t5lab import batch as contract
 from t5lab.models.transformer import ARCH_CLASSES, ModelConfig
 
 
@@ -21,25 +22,8 @@ def build(config):
 
 def dummy_batch(config, batch_size: int) -> dict[str, np.ndarray]:
     """int32 arrays with the batch contract's keys and shapes, for model.init."""
-    arch, d = config.model.arch, config.data
-    ones = lambda n: np.ones((batch_size, n), np.int32)
-    if arch == "encoder_decoder":
-        e, t = d.inputs_length, d.targets_length
-        return {"encoder_input_tokens": ones(e), "encoder_segment_ids": ones(e),
-                "encoder_positions": np.zeros((batch_size, e), np.int32),
-                "decoder_input_tokens": ones(t), "decoder_target_tokens": ones(t),
-                "decoder_loss_weights": ones(t), "decoder_segment_ids": ones(t),
-                "decoder_positions": np.zeros((batch_size, t), np.int32)}
-    if arch == "decoder":
-        t = d.inputs_length + d.targets_length
-        return {"decoder_input_tokens": ones(t), "decoder_target_tokens": ones(t),
-                "decoder_loss_weights": ones(t), "decoder_segment_ids": ones(t),
-                "decoder_positions": np.zeros((batch_size, t), np.int32),
-                "decoder_causal_attention": np.zeros((batch_size, t), np.int32)}
-    e = d.inputs_length
-    return {"encoder_input_tokens": ones(e), "encoder_target_tokens": ones(e),
-            "encoder_loss_weights": ones(e), "encoder_segment_ids": ones(e),
-            "encoder_positions": np.zeros((batch_size, e), np.int32)}
+    d = config.data
+    return contract.placeholder(config.model.arch, batch_size, d.inputs_length, d.targets_length)
 
 
 def head_matrix(params, config):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import optax
 
+from t5lab import config
 from t5lab.optim import schedules
 from t5lab.optim.adafactor import adafactor
 from t5lab.optim.soap import optimizer_state_bytes, scale_by_soap, soap, soap_state_specs
@@ -44,7 +45,7 @@ def make_optimizer(o, total_steps: int, decay_mask=None, stacked_mask=None, batc
                     max_precond_dim=o.soap_max_precond_dim, merge_dims=o.soap_merge_dims,
                     precondition_1d=o.soap_precondition_1d, stacked_mask=stacked_mask)
     else:
-        raise ValueError(f"optim.name: {o.name!r} is not one of adamw, adafactor, soap")
+        raise ValueError(f"optim.name: {o.name!r} is not one of {config.OPTIMIZERS}")
     if o.clip_norm < 0:
         raise ValueError(f"optim.clip_norm must be >= 0, got {o.clip_norm}")
     if o.clip_norm > 0:

@@ -12,6 +12,8 @@ import math
 import jax.numpy as jnp
 import optax
 
+from t5lab import config
+
 
 def _warmup_factor(step, warmup: int):
     # warmup == 0 means no ramp; step + 0 keeps the dtype float
@@ -157,9 +159,6 @@ def power(peak: float, a: float, b: float, *, batch_size: int, tokens_per_step: 
     return schedule
 
 
-SCHEDULES = ("constant", "cosine", "rsqrt", "wsd", "power", "linear")
-
-
 def from_config(o, total_steps: int, batch_shape: tuple[int, int] | None = None) -> optax.Schedule:
     """The schedule `optim.schedule` names, with decay_steps == -1 meaning total_steps.
 
@@ -187,4 +186,4 @@ def from_config(o, total_steps: int, batch_shape: tuple[int, int] | None = None)
         return power(peak, o.power_a, o.power_b, batch_size=rows, tokens_per_step=tokens,
                      warmup_tokens=warmup * tokens, total_tokens=total * tokens,
                      decay_fraction=o.wsd_decay_fraction, end_fraction=o.end_lr_fraction)
-    raise ValueError(f"optim.schedule: {o.schedule!r} is not one of {SCHEDULES}")
+    raise ValueError(f"optim.schedule: {o.schedule!r} is not one of {config.SCHEDULES}")
