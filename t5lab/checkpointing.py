@@ -269,9 +269,6 @@ class Checkpoints:
             if s < oldest_kept:
                 self.manager.delete(s)
 
-    def wait(self):
-        self.manager.wait_until_finished()
-
     def close(self):
         try:
             self.manager.wait_until_finished()
@@ -334,10 +331,9 @@ def open_params(checkpoint_dir: str, step: int | None = None) -> "HostParams":
     return HostParams(storage.join(step_dir, "state"))
 
 
-def restore_params(checkpoint_dir: str, config=None, step: int | None = None):
+def restore_params(checkpoint_dir: str, step: int | None = None):
     """The `params` of a t5lab checkpoint as numpy arrays on the host (all of
-    them: an exporter that needs less at a time uses open_params). The config
-    is unused (kept for callers that pass it); shapes come from the file."""
+    them: an exporter that needs less at a time uses open_params)."""
     params = open_params(checkpoint_dir, step)
     flat = params.paths()
     tree = {}
