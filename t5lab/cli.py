@@ -24,11 +24,9 @@ example:
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
-import tempfile
 
 USAGE = __doc__.split("\n\n", 1)[1]
 
@@ -100,6 +98,13 @@ into ArrayRecord shards of token chunks and a manifest. Train on it with
 --config.data.source=prepared --config.data.paths=DIR (DIR local or gs://).
 Killed, the same command resumes without redoing finished shards.
 
+A mixture (--config.data.source=mixture --config.data.mixture='KIND:ARG=W,...')
+is prepared item by item into DIR/item-N-KIND, each a prepared directory as
+above (the options below apply to each; an item already `prepared:` is
+refused). The last line, also in DIR/mixture.json, is the override to train
+with: --config.data.source=mixture --config.data.mixture='prepared:DIR/item-0-KIND=W,...'
+(the same weights and order, so data.mixture_schedule is unchanged).
+
 options:
   --out DIR           where to write: a local folder or a URL (gs://bucket/corpus)
   --config ...        as for `t5lab train`; the data keys and model.vocab_size matter
@@ -110,7 +115,8 @@ options:
                       run only tasks I, I+M, I+2M, ... (machine I of M, one --out);
                       the machine that finishes last writes the manifest
   --merge             write the manifest from the finished tasks in DIR
-                      (after copying every machine's files into one DIR)
+                      (after copying every machine's files into one DIR); for a
+                      mixture give the same --config.data.mixture: each item, then mixture.json
   --debug             show the traceback of an error instead of its one line
   -h, --help          this help
 
@@ -119,6 +125,7 @@ exit status: 0 written (or this machine's part done); 2 bad input (one line).
 example:
   t5lab prepare --config.data.source=jsonl --config.data.paths='corpus/*.jsonl' --out prepared/corpus
   t5lab train --config configs/ul2.py:tiny --config.data.source=prepared --config.data.paths=prepared/corpus
+  t5lab prepare --config.data.source=mixture --config.data.mixture='text:a/*.txt=0.9,jsonl:b/*.jsonl=0.1' --out prepared/mix
 """
 
 TRANSFER_VOCAB_USAGE = """\
@@ -181,19 +188,32 @@ def _prepare(argv: list[str], merge: bool) -> None:
                 args[k] = int(flags[k])
             except ValueError:
                 raise config_lib.ConfigError(f"--{k}: {flags[k]!r} is not an integer") from None
+    mixture = config.data.source == "mixture"
+    if mixture:  # refuses an item with nothing to prepare before a tokenizer is looked for
+        items = prepare.mixture_items(config, flags["out"])
     if merge:
-        m = prepare.merge(flags["out"])
+        m = prepare.merge_mixture(config, flags["out"]) if mixture else prepare.merge(flags["out"])
     else:
         args.setdefault("workers", len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                         else os.cpu_count() or 1)
-        m = prepare.prepare(config, flags["out"], tok_path=tokenizer.resolve(config), **args)
+        run = prepare.prepare_mixture if mixture else prepare.prepare
+        m = run(config, flags["out"], tok_path=tokenizer.resolve(config), **args)
     if m is None:
-        print(f"prepare: this machine's tasks are done; the manifest is written when all are")
+        print(f"prepare: this machine's tasks are done; the manifest{'s and mixture.json are' if mixture else ' is'} "
+              f"written when all are")
         return
-    t = m["splits"]["train"]
-    print(f"wrote {flags['out']}: {t['documents']:,} train documents, {t['tokens']:,} tokens, "
-          f"{t['records']:,} chunks; skipped {m['skipped'] or 'none'}; train with "
-          f"--config.data.source=prepared --config.data.paths={flags['out']}")
+
+    def summary(path, m):
+        t = m["splits"]["train"]
+        return (f"wrote {path}: {t['documents']:,} train documents, {t['tokens']:,} tokens, "
+                f"{t['records']:,} chunks; skipped {m['skipped'] or 'none'}")
+    if not mixture:
+        print(f"{summary(flags['out'], m)}; train with "
+              f"--config.data.source=prepared --config.data.paths={flags['out']}")
+        return
+    for (path, _, _), item in zip(items, m["manifests"]):
+        print(summary(path, item))
+    print(f"wrote {flags['out'].rstrip('/')}/mixture.json; train with {m['override']}")
 
 
 def _bound_host_memory() -> None:
@@ -212,21 +232,11 @@ def _bound_host_memory() -> None:
 
 
 def _export(argv: list[str]) -> None:
-    from t5lab import checkpointing, config as config_lib, hf, storage
+    from t5lab import config as config_lib, export, hf
     _, flags = config_lib.parse_args(argv)
     unknown = set(flags) - {"workdir", "out", "step", "max_shard_size"}
     if unknown or "workdir" not in flags:
         raise config_lib.ConfigError(EXPORT_USAGE.splitlines()[0])
-    workdir = flags["workdir"]
-    cfg_path = storage.join(workdir, "config.json")
-    if not storage.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: not a t5lab workdir (no config.json)")
-    if storage.is_remote(workdir) and "out" not in flags:
-        raise config_lib.ConfigError(f"--out: give a local directory to export {workdir} into")
-    config = config_lib.schema()
-    for group, values in json.loads(storage.read_text(cfg_path)).items():
-        for key, value in values.items():
-            config[group][key] = value
     try:
         step = int(flags["step"]) if "step" in flags else None
     except ValueError:
@@ -236,20 +246,8 @@ def _export(argv: list[str]) -> None:
         hf.parse_size(max_shard_size)
     except ValueError as e:
         raise config_lib.ConfigError(f"--max_shard_size: {e}") from None
-    try:
-        params = checkpointing.open_params(workdir, step=step)  # read while writing, a group at a time
-    except checkpointing.NoSuchStep as e:
-        raise config_lib.ConfigError(f"--step {step}: no such checkpoint; steps: "
-                                     f"{', '.join(map(str, e.steps))}") from None
-    out = flags.get("out", os.path.join(workdir, "hf"))
-    with tempfile.TemporaryDirectory() as tmp:
-        spm = storage.join(workdir, "tokenizer.model")
-        if storage.exists(spm):
-            storage.download(spm, os.path.join(tmp, "tokenizer.model"))
-            spm = os.path.join(tmp, "tokenizer.model")
-        else:
-            spm = None
-        hf.save_pretrained(params, config, out, spm_model=spm, max_shard_size=max_shard_size)
+    out = export.export_workdir(flags["workdir"], flags.get("out"), step=step,
+                                max_shard_size=max_shard_size)
     print(f"wrote {out}: load it with transformers' from_pretrained({out!r})")
 
 

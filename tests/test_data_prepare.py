@@ -1,7 +1,11 @@
 """`t5lab prepare` and the prepared source: tokens equal the raw documents',
 resumable and splittable work, global shuffle, exact resume, buckets."""
+import contextlib
+import io
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -10,6 +14,7 @@ import numpy as np
 import pytest
 
 from t5lab import cli
+from t5lab import config as config_lib
 from t5lab.config import schema
 from t5lab.data import pipeline, prepare, prepared, sources, tokenizer
 
@@ -212,11 +217,134 @@ def test_cli_prepare_writes_a_manifest_and_refuses_bad_options(corpus, tmp_path,
     assert len(json.loads((tmp_path / "p" / "manifest.json").read_text())["splits"]["train"]["shards"]) == 2
     assert cli.main(base + ["--out", str(tmp_path / "q"), "--shards", "x"]) == 2
     assert "--shards: 'x' is not an integer" in capsys.readouterr().err
-    assert cli.main(base[:1] + ["--config.data.source=mixture", "--config.data.mixture=embedded=1",
+    # A prepared item is refused by name before a tokenizer is looked for (its manifest).
+    assert cli.main(base[:1] + ["--config.data.source=mixture", "--config.data.mixture=embedded=1,prepared:/nowhere=1",
                                 "--out", str(tmp_path / "r")]) == 2
-    assert "prepare one source at a time" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "item 1 'prepared:/nowhere' is prepared already" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
     assert cli.main(["prepare", "--merge", "--out", str(tmp_path / "none")]) == 2
     assert "not a t5lab prepare output" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a mixture
+def _cli_args(corpus, *extra):
+    return ["prepare", f"--config.data.tokenizer={corpus[1]}", "--config.model.vocab_size=512",
+            "--config.data.eval_fraction=0.1", "--workers", "1", "--shards", "2", "--chunk_tokens", "64", *extra]
+
+
+_TRAIN_ARGS = ["--config.model.vocab_size=512", "--config.data.eval_fraction=0.1",
+               "--config.data.inputs_length=64", "--config.data.targets_length=32", "--config.train.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def mixture(corpus, tmp_path_factory):
+    """A 2-item mixture (text 0.9, jsonl 0.1) prepared by the CLI, and each
+    item prepared alone: (out, the printed override, [alone dirs], items)."""
+    root = tmp_path_factory.mktemp("mixture")
+    rng = np.random.default_rng(5)
+    (root / "a").mkdir()
+    for f in range(2):
+        (root / "a" / f"t{f}.txt").write_text(
+            "\n".join(" ".join(rng.choice(WORDS, rng.integers(3, 40))) for _ in range(60)) + "\n")
+    items = [("text", str(root / "a" / "*.txt")), ("jsonl", str(corpus[0] / "part0.jsonl"))]
+    out, stdout = root / "mix", io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert cli.main(_cli_args(corpus, "--config.data.source=mixture", "--out", str(out),
+                                  f"--config.data.mixture={items[0][0]}:{items[0][1]}=0.9,"
+                                  f"{items[1][0]}:{items[1][1]}=0.1")) == 0
+    last = stdout.getvalue().strip().splitlines()[-1]
+    assert last.startswith(f"wrote {out}/mixture.json; train with ")
+    alone = [root / f"alone{n}" for n in range(2)]
+    for (kind, paths), a in zip(items, alone):
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert cli.main(_cli_args(corpus, f"--config.data.source={kind}", f"--config.data.paths={paths}",
+                                      "--out", str(a))) == 0
+    return out, last.split("train with ", 1)[1], alone, items
+
+
+def test_a_mixture_is_prepared_item_by_item_and_its_override_trains(corpus, mixture):
+    out, override, alone, _ = mixture
+    want = (f"--config.data.source=mixture --config.data.mixture="
+            f"'prepared:{out}/item-0-text=0.9,prepared:{out}/item-1-jsonl=0.1'")
+    assert override == want
+    assert json.loads((out / "mixture.json").read_text())["override"] == want
+    for n, kind in enumerate(("text", "jsonl")):  # each item exactly as prepared alone
+        assert (out / f"item-{n}-{kind}" / "manifest.json").read_text() == (alone[n] / "manifest.json").read_text()
+    # Read back through data.source=mixture with the printed override, as `t5lab train` parses it.
+    c, _ = config_lib.parse_args(shlex.split(override) + _TRAIN_ARGS)
+    opened = pipeline._open(c, "train")
+    assert [(kind, w) for kind, _, w, _ in opened] == [("prepared", 0.9), ("prepared", 0.1)]
+    for (_, _, _, src), a in zip(opened, alone):
+        np.testing.assert_array_equal(_all_tokens(src), _all_tokens(prepared.PreparedSource(str(a), "train")))
+    # The mixed stream is the one of the items prepared alone, mixed by the same weights.
+    c_alone, _ = config_lib.parse_args(["--config.data.source=mixture", "--config.data.mixture="
+                                        f"prepared:{alone[0]}=0.9,prepared:{alone[1]}=0.1"] + _TRAIN_ARGS)
+    got, ref = pipeline.documents(c, "train"), pipeline.documents(c_alone, "train")
+    for i in range(40):
+        np.testing.assert_array_equal(np.concatenate(got[i]), np.concatenate(ref[i]))
+    tok = tokenizer.resolve(c)  # the items' own
+    assert tok == str(out / "item-0-text" / "tokenizer.model")
+    (batch,), _ = _batches(c, tok, 1)
+    assert batch["encoder_input_tokens"].shape == (4, 64)
+
+
+def test_a_killed_or_split_mixture_preparation_finishes_the_same(corpus, mixture, tmp_path, monkeypatch):
+    out, override, _, items = mixture
+    c = _config(corpus, source="mixture", mixture=f"text:{items[0][1]}=0.9,jsonl:{items[1][1]}=0.1")
+    kw = {"tok_path": corpus[1], "shards": 2, "chunk_tokens": 64}
+    # Killed in item 1: item 0 is not redone, item 1 only its unfinished task.
+    killed = tmp_path / "killed"
+    shutil.copytree(out, killed)
+    for name in ("item-1-jsonl/manifest.json", "item-1-jsonl/all-00001-of-00002.done.json", "mixture.json"):
+        os.unlink(killed / name)
+    before = {f: os.stat(f).st_mtime_ns for f in (killed / "item-0-text").iterdir()}
+    before[killed / "item-1-jsonl" / "train-00000-of-00002.arecord"] = \
+        os.stat(killed / "item-1-jsonl" / "train-00000-of-00002.arecord").st_mtime_ns
+    m = prepare.prepare_mixture(c, str(killed), **kw)
+    assert {f: os.stat(f).st_mtime_ns for f in before} == before
+    assert m["override"] == override.replace(str(out), str(killed))
+    # Two machines into one directory; machine 1 finishes item 0 while machine 0 is in item 1:
+    # machine 0, finishing last, writes mixture.json.
+    split = tmp_path / "split"
+    (p0, item0, _), (p1, item1, _) = prepare.mixture_items(c, str(split))
+    assert prepare.prepare(item1, p1, shard=1, num_shards=2, **kw) is None  # machine 1, item 1
+    real = prepare.prepare
+
+    def machine_0(item, path, **a):
+        m = real(item, path, **a)
+        if path == p0:
+            assert m is None and not (split / "item-0-text" / "manifest.json").exists()
+            real(item, path, **(a | {"shard": 1}))  # machine 1, item 0: writes its manifest
+        return m
+    monkeypatch.setattr(prepare, "prepare", machine_0)
+    assert prepare.prepare_mixture(c, str(split), shard=0, num_shards=2, **kw)["override"] == \
+        override.replace(str(out), str(split))
+    for d in (killed, split):
+        for item in ("item-0-text", "item-1-jsonl"):
+            assert (d / item / "manifest.json").read_text() == (out / item / "manifest.json").read_text()
+        assert json.loads((d / "mixture.json").read_text())["override"] == override.replace(str(out), str(d))
+    with pytest.raises(prepare.PrepareError, match="a mixture's directory: merge with the same"):
+        prepare.merge(str(split))
+    assert prepare.merge_mixture(c, str(split))["override"] == override.replace(str(out), str(split))
+
+
+def test_a_prepared_mixture_item_is_refused_naming_it(corpus, prepared_dir, tmp_path):
+    c = _config(corpus, source="mixture", mixture=f"jsonl:{corpus[0]}/part0.jsonl=1,prepared:{prepared_dir}=2")
+    with pytest.raises(prepare.PrepareError,
+                       match=rf"^config.data.mixture: item 1 'prepared:{re.escape(str(prepared_dir))}' is prepared"):
+        prepare.prepare_mixture(c, str(tmp_path / "m"), tok_path=corpus[1])
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_mixture_directory_as_one_prepared_directory_names_the_override(corpus, mixture):
+    out, override, _, _ = mixture
+    c = _prepared_config(corpus, out)
+    for read in (lambda: tokenizer.resolve(c), lambda: prepared.PreparedSource(str(out), "train")):
+        with pytest.raises(FileNotFoundError) as e:
+            read()
+        msg = str(e.value)
+        assert "\n" not in msg and f"train on it with {override} (from {out}/mixture.json)" in msg, msg
 
 
 def test_a_50mb_document_is_prepared_in_bounded_memory(tmp_path, corpus):

@@ -10,10 +10,19 @@ processes (--workers) and machines (--shard I --num-shards N over one output
 directory, or several merged with --merge), and the result does not depend on
 how the work was spread. When every task is done, manifest.json is written:
 the prepared directory exists from then on (see t5lab/data/prepared.py).
+
+A mixture (data.source=mixture) is prepared item by item, each into its own
+prepared directory under the output (item-0-text, item-1-jsonl, ...) by the
+single-source code above, with a config whose data.source and data.paths
+(or tfds_name) are the item's. When every item is done, mixture.json there
+holds the training override: data.mixture with each item replaced by
+`prepared:ITEM_DIR` and its weight kept, in the same order, so
+data.mixture_schedule still names the same items.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import json
 import math
 import multiprocessing
@@ -33,6 +42,7 @@ DEFAULT_CHUNK_TOKENS = 4096
 # task per this many documents.
 MIN_SHARDS, DOCS_PER_SHARD = 16, 200_000
 _PLAN = "plan.json"
+_ITEM = "item-"  # a mixture's item directories: item-0-text, item-1-jsonl, ...
 
 
 class PrepareError(ValueError):
@@ -90,9 +100,10 @@ def _tasks(plan: dict) -> list[tuple[str, int]]:
 
 def make_plan(config, tok_path: str, shards: int | None, chunk_tokens: int) -> dict:
     d = config.data
-    if d.source in ("mixture", "prepared"):
-        raise PrepareError(f"config.data.source={d.source!r}: prepare one source at a time "
-                           f"(a mixture's items separately, then data.mixture='prepared:DIR=w,...')")
+    if d.source == "prepared":
+        raise PrepareError(f"config.data.source='prepared': {d.paths} is prepared already; nothing to prepare")
+    if d.source == "mixture":
+        raise PrepareError("config.data.source='mixture': prepare_mixture prepares a mixture, item by item")
     pipeline.validate(config)
     arg = d.tfds_name if d.source == "tfds" else d.paths
     src, own = sources.open_source(d.source, arg, d, d.train_split)
@@ -145,7 +156,7 @@ _WORKER = {}
 def _open(config, split: str):
     d = config.data
     arg = d.tfds_name if d.source == "tfds" else d.paths
-    key = (split, arg)
+    key = (split, d.source, arg, d.text_field, d.doc_per, d.tfds_data_dir)  # one process may prepare several
     if key not in _WORKER:
         _WORKER[key] = sources.open_source(d.source, arg, d, d.train_split if split == "train" else d.eval_split)[0]
     return _WORKER[key]
@@ -205,7 +216,10 @@ def merge(out: str) -> dict:
     """Writes manifest.json from the finished tasks' records; names what is missing."""
     ppath = storage.join(out, _PLAN)
     if not storage.exists(ppath):
-        raise PrepareError(f"{out}: no {_PLAN}: not a t5lab prepare output")
+        hint = ""
+        if storage.exists(out) and any(n.startswith(_ITEM) for n in storage.listdir(out)):
+            hint = " (a mixture's directory: merge with the same --config.data.source=mixture --config.data.mixture)"
+        raise PrepareError(f"{out}: no {_PLAN}: not a t5lab prepare output{hint}")
     plan = json.loads(storage.read_text(ppath))
     done = _done(out, plan)
     missing = [t for t in _tasks(plan) if t not in done]
@@ -280,3 +294,80 @@ def prepare(config, out: str, *, workers: int = 1, shards: int | None = None, sh
         if num_shards > 1:
             return None  # other machines' tasks are still running
         raise
+
+
+# ------------------------------------------------------------------ a mixture
+def _weight_text(w: float) -> str:
+    return str(int(w)) if w.is_integer() and abs(w) < 1e15 else repr(w)
+
+
+def mixture_items(config, out: str) -> list[tuple[str, object, float]]:
+    """(item directory, the item's own config, weight) for each item of
+    config.data.mixture, in its order. Refuses, naming the item, what there is
+    nothing to prepare for; checks the whole config before any work."""
+    d = config.data
+    pipeline.validate(config)  # the mixture, its schedule and the other data keys
+    if "," in out:
+        raise PrepareError(f"--out {out}: a mixture's directory must not contain ',' "
+                           f"(data.mixture separates its items with it)")
+    items = []
+    for i, (kind, arg, w) in enumerate(sources.parse_mixture(d.mixture)):
+        if kind == "prepared":
+            raise PrepareError(f"config.data.mixture: item {i} 'prepared:{arg}' is prepared already; "
+                               f"nothing to prepare (prepare the other items on their own)")
+        item = copy.deepcopy(config)
+        item.data.source, item.data.mixture, item.data.mixture_schedule = kind, "", ""
+        item.data.paths = arg if kind not in ("tfds", "embedded") else ""
+        item.data.tfds_name = arg if kind == "tfds" else ""
+        items.append((storage.join(out.rstrip("/"), f"{_ITEM}{i}-{kind}"), item, w))
+    return items
+
+
+def mixture_override(items: list[tuple[str, object, float]]) -> str:
+    """The training flags that read the prepared items, weights and order kept."""
+    spec = ",".join(f"prepared:{path}={_weight_text(w)}" for path, _, w in items)
+    return "--config.data.source=mixture --config.data.mixture='" + spec.replace("'", "'\"'\"'") + "'"
+
+
+def _finish_mixture(out: str, items, manifests: list[dict | None]) -> dict | None:
+    """Writes mixture.json once every item has its manifest (another machine
+    may have written one since this machine's turn); returns what it wrote."""
+    for n, (path, _, _) in enumerate(items):
+        if manifests[n] is None and storage.exists(storage.join(path, prepared.MANIFEST)):
+            manifests[n] = prepared.read_manifest(path)
+    if any(m is None for m in manifests):
+        return None
+    mix = {"format": prepared.MIXTURE_FORMAT, "override": mixture_override(items),
+           "items": [{"dir": path, "kind": c.data.source,
+                      "arg": c.data.tfds_name if c.data.source == "tfds" else c.data.paths, "weight": w}
+                     for path, c, w in items]}
+    storage.write_text(storage.join(out, prepared.MIXTURE), json.dumps(mix, indent=1, sort_keys=True))
+    return mix | {"manifests": manifests}
+
+
+def prepare_mixture(config, out: str, *, tok_path: str, **kw) -> dict | None:
+    """prepare() for each item of a mixture into its directory under `out`
+    (the same options, resume and work split), then mixture.json. Returns its
+    content with "manifests" (one per item), or None while other machines'
+    tasks are still running."""
+    items = mixture_items(config, out)
+    for n, (_, item, _) in enumerate(items):  # every item's bad input is refused before any work
+        try:
+            make_plan(item, tok_path, kw.get("shards"), kw.get("chunk_tokens", DEFAULT_CHUNK_TOKENS))
+        except (ValueError, FileNotFoundError) as e:  # named as the item, not as data.paths
+            d = item.data
+            spec = f"{d.source}:{d.tfds_name if d.source == 'tfds' else d.paths}".rstrip(":")
+            kind = FileNotFoundError if isinstance(e, FileNotFoundError) else PrepareError
+            why = str(e).strip("'").removeprefix("config.data.paths: ").removeprefix("config.data.tfds_name: ")
+            raise kind(f"config.data.mixture item {n} {spec!r}: {why}") from None
+    manifests = []
+    for n, (path, item, _) in enumerate(items):
+        print(f"prepare: item {n} of {len(items)} ({item.data.source}) -> {path}", file=sys.stderr, flush=True)
+        manifests.append(prepare(item, path, tok_path=tok_path, **kw))
+    return _finish_mixture(out, items, manifests)
+
+
+def merge_mixture(config, out: str) -> dict:
+    """merge() for each item of the mixture in `out`, then mixture.json."""
+    items = mixture_items(config, out)
+    return _finish_mixture(out, items, [merge(path) for path, _, _ in items])

@@ -17,6 +17,12 @@ holds one entry per chunk, not per document.
 Record layout: uint32 [n, len_1 .. len_n] (the pieces of documents it holds),
 then the pieces' token ids, concatenated, in the manifest's dtype.
 
+`t5lab prepare` of a mixture writes one such directory per item
+(DIR/item-0-text, DIR/item-1-jsonl, ...) and DIR/mixture.json, which holds the
+override that trains on them (data.source=mixture, data.mixture of
+`prepared:DIR/item-N-KIND=weight` items); DIR itself is not a prepared
+directory, and reading it as one says so.
+
 Start-up reads manifest.json only. ArrayRecord reads local files, so a shard of
 a remote directory is copied to a local cache (T5LAB_DATA_CACHE, default
 ~/.cache/t5lab/prepared) the first time a process reads from it, and read
@@ -36,6 +42,8 @@ FORMAT = "t5lab-prepared"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
+MIXTURE = "mixture.json"  # a prepared mixture's directory: its items and the override
+MIXTURE_FORMAT = "t5lab-prepared-mixture"
 SPLITS = ("train", "eval")
 # Random access: no read-ahead, no thread pool per reader.
 _READ_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
@@ -77,8 +85,11 @@ def read_manifest(path: str) -> dict:
     mpath = storage.join(path, MANIFEST)
     if not storage.exists(mpath):
         hint = ""
-        if storage.exists(path) and storage.isdir(path) and any(
-                n.endswith(".done.json") for n in storage.listdir(path)):
+        names = storage.listdir(path) if storage.exists(path) and storage.isdir(path) else []
+        if MIXTURE in names:
+            raise FileNotFoundError(f"config.data.paths: {path} is a prepared mixture, not one prepared "
+                                    f"directory (no {MANIFEST}): train on it with {_mixture_override(path)}")
+        if any(n.endswith(".done.json") for n in names):
             hint = " (preparation unfinished: rerun `t5lab prepare`, or `--merge` after every --shard)"
         raise FileNotFoundError(f"config.data.paths: {mpath} does not exist{hint}")
     try:
@@ -88,6 +99,16 @@ def read_manifest(path: str) -> dict:
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"config.data.paths: {mpath} is not a {FORMAT} v{FORMAT_VERSION} manifest")
     return manifest
+
+
+def _mixture_override(path: str) -> str:
+    """The override a prepared mixture's mixture.json gives, naming the file."""
+    mix = storage.join(path, MIXTURE)
+    try:
+        override = json.loads(storage.read_text(mix))["override"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"the data.source=mixture override in {mix} (unreadable)"
+    return f"{override} (from {mix})".replace("\n", " ")
 
 
 def manifest_digest(path: str) -> str:
