@@ -154,6 +154,117 @@ class Example:
     weights: np.ndarray | None = None
 
 
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    """Offsets of consecutive pieces of these lengths in their concatenation."""
+    return np.cumsum(lengths) - lengths
+
+
+def _ragged_arange(lengths: np.ndarray) -> np.ndarray:
+    """[0 .. l0-1, 0 .. l1-1, ...]: each element's index within its piece."""
+    return np.arange(int(lengths.sum())) - np.repeat(_starts(lengths), lengths)
+
+
+@dataclasses.dataclass
+class Examples:
+    """Examples in ragged form, in order: example j's inputs are the next
+    input_lengths[j] values of `inputs` (likewise targets and weights). One
+    array per field, not one per example, so a block's examples are made and
+    packed by whole-array numpy operations instead of a Python loop each."""
+    inputs: np.ndarray          # int32, all examples' inputs concatenated
+    input_lengths: np.ndarray   # int64 [n]
+    targets: np.ndarray
+    target_lengths: np.ndarray
+    denoisers: np.ndarray       # int64 [n]
+    weights: np.ndarray | None = None  # like targets (MLM), or None
+
+    def __len__(self) -> int:
+        return len(self.input_lengths)
+
+    @classmethod
+    def from_list(cls, examples: list[Example]) -> "Examples":
+        cat = lambda xs, dtype: np.concatenate([np.asarray(x, dtype) for x in xs]) if xs else np.zeros(0, dtype)
+        weights = None
+        if all(e.weights is not None for e in examples):
+            weights = cat([e.weights for e in examples], np.int32)
+        return cls(cat([e.inputs for e in examples], np.int32),
+                   np.array([len(e.inputs) for e in examples], np.int64),
+                   cat([e.targets for e in examples], np.int32),
+                   np.array([len(e.targets) for e in examples], np.int64),
+                   np.array([e.denoiser for e in examples], np.int64), weights)
+
+    def to_list(self) -> list[Example]:
+        cut = lambda x, lengths: np.split(x, np.cumsum(lengths)[:-1]) if len(lengths) else []
+        weights = cut(self.weights, self.target_lengths) if self.weights is not None else [None] * len(self)
+        return [Example(x, y, int(d), w) for x, y, d, w in zip(
+            cut(self.inputs, self.input_lengths), cut(self.targets, self.target_lengths),
+            self.denoisers, weights)]
+
+
+def _segment_cuts(keys: np.ndarray, key_starts: np.ndarray, items: np.ndarray,
+                  segments: np.ndarray) -> np.ndarray:
+    """_random_segmentation for many problems at once, from the same keys: problem
+    p splits items[p] items into segments[p] segments, reading items[p] - 1 keys
+    from key_starts[p] when segments[p] > 1. Returns a bool [sum(items)] (the
+    problems' items concatenated), True at the first item of every segment but
+    the first. The segments - 1 smallest keys of a problem mark its cuts, as in
+    the argpartition of _random_segmentation; one sort for all problems (keys
+    sorted, then stably by problem) replaces a numpy call or two per problem."""
+    num_keys = np.where(segments > 1, items - 1, 0)
+    local = _ragged_arange(num_keys)
+    k = keys[np.repeat(key_starts, num_keys) + local]
+    problem = np.repeat(np.arange(len(items)), num_keys)
+    order = np.argsort(k)
+    order = order[np.argsort(problem[order], kind="stable")]  # problem p's keys, ascending
+    chosen = order[local < np.repeat(segments - 1, num_keys)]  # `local` is also the rank here
+    cuts = np.zeros(int(items.sum()), bool)
+    cuts[(np.repeat(_starts(items), num_keys) + local + 1)[chosen]] = True  # key q cuts before item q + 1
+    return cuts
+
+
+def _segmented_cumsum(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """np.cumsum of x restarted at each piece of these lengths."""
+    cs = np.cumsum(x)
+    starts = _starts(lengths)
+    return cs - np.repeat(cs[starts] - x[starts], lengths)
+
+
+def _ragged_span_corruption(raw: np.ndarray, lengths: np.ndarray, noise: np.ndarray, spans: np.ndarray,
+                            keys: np.ndarray, noise_keys: np.ndarray, clean_keys: np.ndarray,
+                            sentinel0: int):
+    """span_corruption's inputs and targets (without EOS) for pieces of different
+    lengths, concatenated in `raw`: piece e has lengths[e] tokens, noise[e] noise
+    tokens in spans[e] spans, and its noise and clean segmentations read their
+    keys at noise_keys[e] and clean_keys[e]. The same values as
+    random_spans_noise_mask then _spans_to_sentinels row by row."""
+    clean = lengths - noise
+    noise_cuts = _segment_cuts(keys, noise_keys, noise, spans)
+    clean_cuts = _segment_cuts(keys, clean_keys, clean, spans)
+    # End of each clean segment within its piece's clean tokens: its cuts, then the total.
+    ends = np.empty(int(spans.sum()), np.int64)
+    last = np.zeros(len(ends), bool)
+    last[_starts(spans) + spans - 1] = True
+    ends[~last] = _ragged_arange(clean)[clean_cuts]
+    ends[last] = clean
+    # Noise token k of span t sits after k noise tokens and clean segments 0..t.
+    noise_span = _segmented_cumsum(noise_cuts, noise)
+    at = (np.repeat(_starts(lengths), noise) + _ragged_arange(noise)
+          + ends[np.repeat(_starts(spans), noise) + noise_span])
+    mask = np.zeros(len(raw), bool)
+    mask[at] = True
+    first_token = np.zeros(len(raw), bool)
+    first_token[_starts(lengths)] = True
+
+    def sentinels(m):  # _spans_to_sentinels over the concatenation, restarting per piece
+        prev = np.empty_like(m)
+        prev[0], prev[1:] = False, m[:-1]
+        prev &= ~first_token
+        first = m & ~prev
+        out = np.where(first, sentinel0 + 1 - _segmented_cumsum(first, lengths), raw)
+        return out[~(m & prev)]
+
+    return sentinels(mask), clean + spans, sentinels(~mask), noise + spans
+
+
 class Objective:
     """Turns tokenized documents into examples that fit one packed row.
 
@@ -183,6 +294,7 @@ class Objective:
         else:
             self.denoisers, self.mode_ids, self.rates = (), [None], np.ones(1)
         self.raw_lengths = [self._raw_length(i) for i in range(max(1, len(self.denoisers)))]
+        self._noise_counts: dict = {}
 
     # Lengths --------------------------------------------------------------
     def _fits(self, i: int, length: int) -> bool:
@@ -221,35 +333,132 @@ class Objective:
     # Examples -------------------------------------------------------------
     def __call__(self, docs: list[np.ndarray], rng) -> tuple[list[Example], int]:
         """Examples for a list of token arrays; returns (examples, skipped pieces)."""
+        examples, skipped = self.ragged(docs, rng)
+        return examples.to_list(), skipped
+
+    def ragged(self, docs: list[np.ndarray], rng) -> tuple[Examples, int]:
+        """__call__'s examples in ragged form (the same values and rng draws)."""
         if self.kind == "causal_lm":
             eos = np.array([self.eos_id], np.int32)
             docs = [np.concatenate([d, eos]) for d in docs]
+        doc_lengths = [len(d) for d in docs]
+        flat = np.concatenate(docs) if docs else np.zeros(0, np.int32)
         # Every chunk but a document's last has >= MIN_TOKENS tokens: enough draws.
-        n = sum(len(d) for d in docs) // MIN_TOKENS + len(docs) + 1
+        n = sum(doc_lengths) // MIN_TOKENS + len(docs) + 1
         choices = iter(rng.choice(len(self.rates), size=n, p=self.rates).tolist())
-        chunks, skipped = [], 0
-        for doc in docs:
-            if len(doc) < MIN_TOKENS:
+        starts, lengths, denoisers, skipped, offset = [], [], [], 0, 0
+        for length in doc_lengths:  # plain ints: a piece is (start in flat, length, denoiser)
+            if length < MIN_TOKENS:
                 skipped += 1
-                continue
-            pos = 0
-            while pos < len(doc):
-                i = next(choices)
-                piece = doc[pos:pos + self.raw_lengths[i]]
-                pos += len(piece)
-                if len(piece) < MIN_TOKENS:
-                    skipped += 1
-                else:
-                    chunks.append((i, piece))
-        out: list = [None] * len(chunks)
+            else:
+                pos = 0
+                while pos < length:
+                    i = next(choices)
+                    take = min(self.raw_lengths[i], length - pos)
+                    if take < MIN_TOKENS:
+                        skipped += 1
+                    else:
+                        starts.append(offset + pos)
+                        lengths.append(take)
+                        denoisers.append(i)
+                    pos += take
+            offset += length
+        # One set of draws per (denoiser, length), in order of first appearance.
         groups: dict = {}
-        for j, (i, piece) in enumerate(chunks):
-            groups.setdefault((i, len(piece)), []).append(j)
-        for (i, _), idx in groups.items():  # one vectorised call per (denoiser, length)
-            batch = np.stack([chunks[j][1] for j in idx])
-            for j, ex in zip(idx, self._examples(i, batch, rng)):
-                out[j] = ex
-        return out, skipped
+        for j, key in enumerate(zip(denoisers, lengths)):
+            groups.setdefault(key, []).append(j)
+        if self.kind in ("causal_lm", "mlm"):
+            out: list = [None] * len(starts)
+            for (i, length), idx in groups.items():
+                batch = np.stack([flat[starts[j]:starts[j] + length] for j in idx])
+                for j, ex in zip(idx, self._examples(i, batch, rng)):
+                    out[j] = ex
+            return Examples.from_list(out), skipped
+        return self._denoise(flat, starts, lengths, denoisers, groups, rng), skipped
+
+    def _counts(self, i: int, length: int) -> tuple[int, int]:
+        """noise_counts of denoiser i for pieces of this length, memoised: pieces
+        of a few lengths recur in every block."""
+        key = (i, length)
+        c = self._noise_counts.get(key)
+        if c is None:
+            d = self.denoisers[i]
+            c = self._noise_counts[key] = noise_counts(length, d.density, d.mean_span)
+            if c[1] > min(c[0], length - c[0]):
+                raise ValueError(f"{d.name}: {c[1]} noise spans do not fit {length} tokens "
+                                 f"({c[0]} of them noise)")
+        return c
+
+    def _denoise(self, flat, starts, lengths, denoisers, groups, rng) -> Examples:
+        """Span corruption and prefix-LM examples for all pieces of a block at once.
+
+        The rng is read exactly as _examples reads it group by group: a span
+        group's keys are rng.random((b, n - 1)) then rng.random((b, L - n - 1)),
+        consecutive float64 draws, so the keys of consecutive span groups come
+        from one rng.random call; a prefix-LM group's rng.integers(1, L, b) is
+        a call of its own between them (bounded integers are not a plain
+        concatenation of draws)."""
+        span = {k: [] for k in ("piece", "noise", "spans", "noise_keys", "clean_keys")}
+        prefix_pieces, prefix_splits, key_parts = [], [], []
+        num_keys = pending = 0  # keys assigned so far / of those, not drawn yet
+        for (i, length), idx in groups.items():
+            b = len(idx)
+            if self.denoisers[i].prefix_lm:
+                if pending:
+                    key_parts.append(rng.random(pending))
+                    pending = 0
+                prefix_pieces += idx
+                prefix_splits.append(rng.integers(1, length, b))  # uniform over split points 1..L-1
+                continue
+            noise, spans = self._counts(i, length)
+            span["piece"] += idx
+            span["noise"] += [noise] * b
+            span["spans"] += [spans] * b
+            span["noise_keys"] += range(num_keys, num_keys + b * (noise - 1), noise - 1) if spans > 1 else [0] * b
+            span["clean_keys"] += range(num_keys + b * (noise - 1), num_keys + b * (length - 2),
+                                        length - noise - 1) if spans > 1 else [0] * b
+            if spans > 1:
+                num_keys += b * (length - 2)
+                pending += b * (length - 2)
+        if pending:
+            key_parts.append(rng.random(pending))
+        lengths, starts = np.asarray(lengths, np.int64), np.asarray(starts, np.int64)
+        n = len(lengths)
+        body_in, body_tg = np.zeros(n, np.int64), np.zeros(n, np.int64)  # lengths before mode/EOS
+        parts = []  # (pieces, inputs, input lengths, targets, target lengths), each in its own order
+        if span["piece"]:
+            piece = np.asarray(span["piece"], np.int64)
+            raw = flat[np.repeat(starts[piece], lengths[piece]) + _ragged_arange(lengths[piece])]
+            keys = np.concatenate(key_parts) if key_parts else np.zeros(0)
+            parts.append((piece, *_ragged_span_corruption(
+                raw, lengths[piece], np.asarray(span["noise"], np.int64), np.asarray(span["spans"], np.int64),
+                keys, np.asarray(span["noise_keys"], np.int64), np.asarray(span["clean_keys"], np.int64),
+                self.sentinel0)))
+        if prefix_pieces:
+            piece = np.asarray(prefix_pieces, np.int64)
+            split = np.concatenate(prefix_splits)
+            local = _ragged_arange(lengths[piece])
+            raw = flat[np.repeat(starts[piece], lengths[piece]) + local]
+            is_input = local < np.repeat(split, lengths[piece])
+            parts.append((piece, raw[is_input], split, raw[~is_input], lengths[piece] - split))
+        for piece, _, li, _, lt in parts:
+            body_in[piece], body_tg[piece] = li, lt
+        # Assemble in piece order: [mode] inputs EOS, targets EOS.
+        mode = np.array([-1 if m is None else m for m in self.mode_ids], np.int64)[np.asarray(denoisers, np.int64)] \
+            if n else np.zeros(0, np.int64)
+        has_mode = (mode >= 0).astype(np.int64)
+        in_len, tg_len = has_mode + body_in + 1, body_tg + 1
+        in_at, tg_at = _starts(in_len), _starts(tg_len)
+        inputs = np.empty(int(in_len.sum()), np.int32)
+        targets = np.empty(int(tg_len.sum()), np.int32)
+        inputs[(in_at + in_len - 1)] = self.eos_id
+        targets[(tg_at + tg_len - 1)] = self.eos_id
+        inputs[in_at[has_mode == 1]] = mode[has_mode == 1]
+        for piece, x, li, y, lt in parts:
+            inputs[np.repeat(in_at[piece] + has_mode[piece], li) + _ragged_arange(li)] = x
+            targets[np.repeat(tg_at[piece], lt) + _ragged_arange(lt)] = y
+        did = np.asarray(denoisers, np.int64) if self.kind == "ul2" else np.zeros(n, np.int64)
+        return Examples(inputs, in_len, targets, tg_len, did)
 
     def _examples(self, i: int, tokens: np.ndarray, rng) -> list[Example]:
         b, length = tokens.shape

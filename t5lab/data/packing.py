@@ -10,90 +10,98 @@ from __future__ import annotations
 import numpy as np
 
 from t5lab import batch as contract
-from t5lab.data.denoising import Example
+from t5lab.data.denoising import Example, Examples, _ragged_arange, _starts
 
 # Open rows searched by first-fit; beyond this the oldest row is closed.
 # A few rows recover most of the fill a full first-fit would give, cheaply.
 OPEN_ROWS = 8
 
 
-def _sizes(ex: Example, arch: str) -> tuple[int, int]:
-    if arch == "encoder_decoder":
-        return len(ex.inputs), len(ex.targets)
-    if arch == "decoder":
-        return 0, len(ex.inputs) + len(ex.targets)
-    return len(ex.inputs), 0
-
-
-def _place(examples: list[Example], arch: str, enc_len: int, dec_len: int, pack: bool):
-    """Row index lists, each in input order."""
-    rows, open_rows = [], []  # open_rows: [row index, enc used, dec used]
-    for j, ex in enumerate(examples):
-        e, d = _sizes(ex, arch)
+def _place(enc_sizes: list[int], dec_sizes: list[int], enc_len: int, dec_len: int, pack: bool):
+    """First-fit placement in input order: per example (row, segment id from 1,
+    encoder offset, decoder offset) as int64 arrays, and the number of rows."""
+    n = len(enc_sizes)
+    row, seg, enc_at, dec_at = [0] * n, [0] * n, [0] * n, [0] * n
+    rows, open_rows = 0, []  # open_rows: [row index, enc used, dec used, examples]
+    for j, (e, d) in enumerate(zip(enc_sizes, dec_sizes)):
         if e > enc_len or d > dec_len:
             raise ValueError(f"example of lengths {(e, d)} does not fit a row of {(enc_len, dec_len)}")
         slot = None
         if pack:
             slot = next((r for r in open_rows if r[1] + e <= enc_len and r[2] + d <= dec_len), None)
         if slot is None:
-            rows.append([])
-            slot = [len(rows) - 1, 0, 0]
+            slot = [rows, 0, 0, 0]
+            rows += 1
             open_rows.append(slot)
             if len(open_rows) > OPEN_ROWS:
                 open_rows.pop(0)
-        rows[slot[0]].append(j)
+        slot[3] += 1
+        row[j], seg[j], enc_at[j], dec_at[j] = slot[0], slot[3], slot[1], slot[2]
         slot[1] += e
         slot[2] += d
-    return rows
+    return tuple(np.array(x, np.int64) for x in (row, seg, enc_at, dec_at)) + (rows,)
 
 
-def pack(examples: list[Example], arch: str, inputs_length: int, targets_length: int,
+def pack(examples: list[Example] | Examples, arch: str, inputs_length: int, targets_length: int,
          packed: bool = True) -> dict[str, np.ndarray]:
     """Examples -> dict of int32 [rows, length] arrays (one example per row if not packed)."""
+    if not isinstance(examples, Examples):
+        examples = Examples.from_list(examples)
     lengths = contract.stack_lengths(arch, inputs_length, targets_length)
-    rows = _place(examples, arch, lengths["encoder"], lengths["decoder"], packed)
-    n = len(rows)
+    enc_len, dec_len = lengths["encoder"], lengths["decoder"]
+    li, lt = examples.input_lengths, examples.target_lengths
+    zero = np.zeros_like(li)
+    enc_sizes, dec_sizes = {"encoder_decoder": (li, lt), "decoder": (zero, li + lt)}.get(arch, (li, zero))
+    row, seg, enc_at, dec_at, n = _place(enc_sizes.tolist(), dec_sizes.tolist(), enc_len, dec_len, packed)
     out = {k: np.zeros((n, shape[1]), np.int32)
            for k, shape in contract.shapes(arch, 1, inputs_length, targets_length).items()}
-    for r, members in enumerate(rows):
-        e = d = 0
-        for seg, j in enumerate(members, start=1):
-            ex = examples[j]
-            if arch == "encoder_decoder":
-                li, lt = len(ex.inputs), len(ex.targets)
-                _segment(out, "encoder", r, e, ex.inputs, seg)
-                _segment(out, "decoder", r, d, ex.targets, seg)
-                out["decoder_input_tokens"][r, d + 1:d + lt] = ex.targets[:-1]
-                out["decoder_loss_weights"][r, d:d + lt] = 1
-                out["denoiser_ids"][r, d:d + lt] = ex.denoiser
-                e, d = e + li, d + lt
-            elif arch == "decoder":
-                seq = np.concatenate([ex.inputs, ex.targets])
-                li, ls = len(ex.inputs), len(seq)
-                _segment(out, "decoder", r, d, seq, seg)
-                out["decoder_input_tokens"][r, d + 1:d + ls] = seq[:-1]
-                out["decoder_loss_weights"][r, d + li:d + ls] = 1
-                if li:  # t5x PrefixLM: bidirectional over the inputs plus one position
-                    out["decoder_causal_attention"][r, d:d + li + 1] = 1
-                out["denoiser_ids"][r, d + li:d + ls] = ex.denoiser
-                d += ls
-            else:
-                li = len(ex.inputs)
-                _segment(out, "encoder", r, e, ex.inputs, seg)
-                out["encoder_target_tokens"][r, e:e + li] = ex.targets
-                out["encoder_loss_weights"][r, e:e + li] = ex.weights
-                e += li
+    flat = {k: v.reshape(-1) for k, v in out.items()}  # views: writes land in `out`
+    # All examples written at once, by flat index into [rows, length]: example j's
+    # element k goes to row[j], column offset[j] + k.
+    if arch == "encoder_decoder":
+        _segments(flat, "encoder", row * enc_len + enc_at, seg, li, examples.inputs)
+        dest, local, j = _segments(flat, "decoder", row * dec_len + dec_at, seg, lt, examples.targets)
+        shifted = local < lt[j] - 1
+        flat["decoder_input_tokens"][dest[shifted] + 1] = examples.targets[shifted]
+        flat["decoder_loss_weights"][dest] = 1
+        flat["denoiser_ids"][dest] = examples.denoisers[j]
+    elif arch == "decoder":
+        # seq = inputs ++ targets, laid out per example
+        ls = li + lt
+        seq = np.empty(int(ls.sum()), np.int32)
+        at = _starts(ls)
+        seq[np.repeat(at, li) + _ragged_arange(li)] = examples.inputs
+        seq[np.repeat(at + li, lt) + _ragged_arange(lt)] = examples.targets
+        dest, local, j = _segments(flat, "decoder", row * dec_len + dec_at, seg, ls, seq)
+        shifted = local < ls[j] - 1
+        flat["decoder_input_tokens"][dest[shifted] + 1] = seq[shifted]
+        is_target = local >= li[j]
+        flat["decoder_loss_weights"][dest[is_target]] = 1
+        flat["denoiser_ids"][dest[is_target]] = examples.denoisers[j[is_target]]
+        # t5x PrefixLM: bidirectional over the inputs plus one position (when there are inputs)
+        causal = np.where(li > 0, np.minimum(li + 1, dec_len - dec_at), 0)
+        flat["decoder_causal_attention"][np.repeat(row * dec_len + dec_at, causal) + _ragged_arange(causal)] = 1
+    else:
+        dest, _, _ = _segments(flat, "encoder", row * enc_len + enc_at, seg, li, examples.inputs)
+        flat["encoder_target_tokens"][dest] = examples.targets
+        flat["encoder_loss_weights"][dest] = examples.weights
     if not packed and arch == "encoder_decoder":
         out = {k: out[k] for k in contract.features(arch, packed=False)}
     return out
 
 
-def _segment(out, stack: str, r: int, start: int, tokens: np.ndarray, seg: int):
-    n = len(tokens)
+def _segments(flat, stack: str, at: np.ndarray, seg: np.ndarray, lengths: np.ndarray, tokens: np.ndarray):
+    """Writes the examples' tokens, segment ids and positions of one stack at
+    flat offsets `at`; returns each element's (flat index, index in its example,
+    example)."""
+    j = np.repeat(np.arange(len(lengths)), lengths)
+    local = _ragged_arange(lengths)
+    dest = at[j] + local
     key = "decoder_target_tokens" if stack == "decoder" else "encoder_input_tokens"
-    out[key][r, start:start + n] = tokens
-    out[f"{stack}_segment_ids"][r, start:start + n] = seg
-    out[f"{stack}_positions"][r, start:start + n] = np.arange(n)
+    flat[key][dest] = tokens
+    flat[f"{stack}_segment_ids"][dest] = seg[j]
+    flat[f"{stack}_positions"][dest] = local
+    return dest, local, j
 
 
 def unpack(batch: dict[str, np.ndarray], arch: str) -> list[Example]:

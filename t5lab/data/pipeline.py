@@ -381,7 +381,7 @@ class _LaneBlocks:
             else:
                 tokens.extend(x)
         rng = np.random.default_rng([self.seed, self.split, lane, start, part] + [phase] * (phase > 0))
-        examples, short = self.objective(tokens, rng) if tokens else ([], 0)
+        examples, short = self.objective.ragged(tokens, rng) if tokens else ([], 0)
         sources.SKIPS.add(sources.SHORT, short, f"lane {lane} document {start}")
         rows = None
         if examples:
