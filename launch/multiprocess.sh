@@ -7,7 +7,8 @@
 #
 #   launch/multiprocess.sh 2 --config configs/t5_1_1.py:tiny --workdir /tmp/run
 #
-# Output lines are prefixed with [process id]. If one process fails the others
+# Output lines are prefixed with [process id]; Gloo's connection lines are
+# dropped (T5LAB_SHOW_GLOO=1 keeps them). If one process fails the others
 # are stopped (SIGTERM, then SIGKILL after T5LAB_KILL_GRACE seconds, since a
 # survivor may be blocked in a collective) and the script exits with the first
 # failure's status. SIGTERM/SIGINT are forwarded, so the trainers save a
@@ -38,8 +39,12 @@ port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)
 # prefixer's pid is kept to wait for the log to drain.
 pids=()
 prefixers=()
+# Gloo (the CPU collectives) prints a line per rank and communicator when its
+# peers connect; T5LAB_SHOW_GLOO=1 keeps them.
+quiet='/^\[Gloo\] Rank [0-9]* is connected to [0-9]* peer ranks/d'
+[[ "${T5LAB_SHOW_GLOO:-0}" == 1 ]] && quiet=''
 for ((i = 0; i < num; i++)); do
-  exec {log}> >(sed -u "s/^/[$i] /")
+  exec {log}> >(sed -u -e "$quiet" -e "s/^/[$i] /")
   prefixers+=($!)
   T5LAB_COORDINATOR=127.0.0.1:$port T5LAB_NUM_PROCESSES=$num T5LAB_PROCESS_ID=$i \
     JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$per" \

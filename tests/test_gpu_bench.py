@@ -26,22 +26,22 @@ def _number(cell: str) -> float:
 def test_cpu_smoke_prints_every_row_and_a_failing_row_does_not_stop_it(tmp_path):
     rows_file = tmp_path / "rows.jsonl"
     # flash (a TPU kernel) fails inside its part on the CPU; nosuch is refused up front.
-    p = subprocess.run([sys.executable, "tools/gpu_bench.py", "--cpu-smoke", "--attention", "xla,dpa,flash,nosuch",
+    p = subprocess.run([sys.executable, "tools/gpu_bench.py", "--cpu-smoke", "--attention", "xla,flash,nosuch",
                         "--json", str(rows_file), "--log-dir", str(tmp_path / "logs")],
                        cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "Traceback" not in p.stdout
     rows = _table(p.stdout)
     names = [(r[0], r[1]) for r in rows]
-    assert names[:4] == [("t5lab", "xla"), ("t5lab", "dpa"), ("t5lab", "flash"), ("t5lab", "nosuch")]
-    assert "failed" in rows[2][-1] and "TPU kernel" in rows[2][-1]
-    assert rows[3][-1].startswith("not available")
+    assert names[:3] == [("t5lab", "xla"), ("t5lab", "flash"), ("t5lab", "nosuch")]
+    assert "failed" in rows[1][-1] and "TPU kernel" in rows[1][-1]
+    assert rows[2][-1].startswith("not available")
     has_peer = os.path.isfile(PEER)
-    measured = rows[:2] + (rows[4:] if has_peer else [])
+    measured = rows[:1] + (rows[3:] if has_peer else [])
     if has_peer:
-        assert rows[4][0].startswith("peer:"), rows[4]
+        assert rows[3][0].startswith("peer:"), rows[3]
     else:
-        assert rows[4][-1].startswith("not available"), rows[4]
+        assert rows[3][-1].startswith("not available"), rows[3]
     for r in measured:
         # columns: implementation, attention, step ms, tokens/s, MFU, t5lab/peer, compile s, note
         step_ms, tokens, mfu = _number(r[2]), _number(r[3]), _number(r[4]) / 100
@@ -55,7 +55,7 @@ def test_cpu_smoke_prints_every_row_and_a_failing_row_does_not_stop_it(tmp_path)
 
     # --json: one object per row, agreeing with the table.
     objs = [json.loads(line) for line in rows_file.read_text().splitlines()]
-    assert [o["attention"] for o in objs[:4]] == ["xla", "dpa", "flash", "nosuch"] and len(objs) == 5
+    assert [o["attention"] for o in objs[:3]] == ["xla", "flash", "nosuch"] and len(objs) == 4
     assert objs[0]["peak_flops"] > 0 and objs[0]["model_flops"] > 0
     assert objs[0]["mfu"] == objs[0]["model_flops"] / objs[0]["step_s"] / objs[0]["peak_flops"]
-    assert {"peak.log", "t5lab_xla.log", "t5lab_dpa.log", "t5lab_flash.log"} <= set(os.listdir(tmp_path / "logs"))
+    assert {"peak.log", "t5lab_xla.log", "t5lab_flash.log"} <= set(os.listdir(tmp_path / "logs"))

@@ -54,7 +54,6 @@ def study(tmp_path_factory):
 
 def test_table_and_json_have_every_arm_with_finite_bits_per_byte(study):
     res, lines = study["res"], study["stdout"].rstrip().splitlines()
-    assert study["seconds"] < 90, study["seconds"]
     table = lines[-(len(ARMS) + 3):]  # header, rule, source, arms: printed last
     assert table[0].startswith("| arm |") and table[1].startswith("|---")
     assert table[2].startswith("| source (A-pretrained) |")

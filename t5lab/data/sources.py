@@ -37,27 +37,25 @@ _EMBEDDED_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test"
 
 
 class SkipCounter:
-    """Counts what this process drops (per reason) and reports it as a warning
-    the first time and then at 1,000, 10,000, ... skips of a reason, with the
-    latest culprit (file and byte offset, dataset and index): bad input is
-    visible without a log line per document (the metrics carry the counts).
+    """Counts what this process drops, per reason, and warns once per reason
+    (with the culprit: file and byte offset, dataset and index); from then on
+    the counts reach the training metrics (skipped_*), not the terminal.
     Worker processes are `quiet`: the trainer warns for the blocks they build."""
 
     def __init__(self, quiet: bool = False):
         self.counts, self.latest, self.quiet = collections.Counter(), "", quiet
-        self._warn_at = collections.defaultdict(lambda: 1)
+        self._warned = set()
 
     def add(self, reason: str, n: int = 1, where: str = ""):
         if n <= 0:
             return
         self.counts[reason] += n
         self.latest = f"{reason}: {where}" if where else reason
-        if self.counts[reason] >= self._warn_at[reason]:
-            while self._warn_at[reason] <= self.counts[reason]:
-                self._warn_at[reason] = max(1000, self._warn_at[reason] * 10)
+        if reason not in self._warned:
+            self._warned.add(reason)
             if not self.quiet:
-                log.warning("skipped %d %s so far in this process%s", self.counts[reason], reason,
-                            f" (latest: {where})" if where else "")
+                log.warning("skipped %d %s%s; further skips are counted in the metrics (%s), not shown",
+                            n, reason, f" (at {where})" if where else "", SKIP_METRICS.get(reason, reason))
 
 
 # One per process: worker processes count their own; the blocks they build carry
