@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import sysconfig
+import threading
 
 import numpy as np
 
@@ -98,6 +99,12 @@ def _position_keys(files: list[str], file_offsets: np.ndarray, lo: int = 0, hi: 
         return _mix64(_mix64(file_keys[fids]) + local)
 
 
+def _position_basis(files: list[str], file_offsets) -> bytes:
+    """What _position_keys is a function of: the file names and their document counts."""
+    names = "\0".join(os.path.basename(f) for f in files).encode()
+    return b"position\0" + names + b"\0" + np.asarray(file_offsets, np.int64).tobytes()
+
+
 class _Source:
     """A sequence of documents with stable keys for the eval hash split."""
     name = "source"
@@ -111,6 +118,11 @@ class _Source:
     def keys(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """Stable uint64 keys of documents [lo, hi) (all by default)."""
         raise NotImplementedError
+
+    def key_basis(self) -> bytes | None:
+        """Everything keys() depends on, when that is small (then the split
+        it decides is cached on disk); None: recomputed at every start."""
+        return None
 
     def _bad(self, where: str, why: str):
         SKIPS.add(UNREADABLE, where=f"{self.name}: {where}: {why}")
@@ -212,6 +224,9 @@ class FileSource(_Source):
     def keys(self, lo=0, hi=None):
         return np.array([_stable_hash(f) for f in self.files[lo:hi]], np.uint64)
 
+    def key_basis(self):
+        return b"files\0" + "\0".join(self.files).encode()
+
 
 # Newline indexes are read in chunks of this many bytes: memory stays bounded
 # whatever the file size.
@@ -223,17 +238,72 @@ def index_cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "t5lab", "line-index")
 
 
+class NpyReader:
+    """Elements of an .npy file read with pread when asked for. Not a memory
+    map on purpose: a map keeps every page it touched resident (with the
+    kernel's fault-around, most of an index after a few thousand random
+    documents), so a process's memory would grow with the corpus."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            self.shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran:
+            raise ValueError(f"{path}: a Fortran-ordered array, not one t5lab wrote")
+        self.dtype = np.dtype(dtype)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def flat(self, i: int, n: int = 1) -> np.ndarray:
+        """n elements from flat (C-order) position i."""
+        size = self.dtype.itemsize
+        return np.frombuffer(_pread(self.path, n * size, self.offset + i * size), self.dtype)
+
+
+# Descriptors of index files kept open per process (an open costs 10x a read);
+# a corpus of many files keeps at most this many.
+OPEN_INDEX_FILES = 64
+_fds: collections.OrderedDict = collections.OrderedDict()
+_fds_pid, _fds_lock = None, threading.Lock()
+
+
+def _pread(path: str, n: int, offset: int) -> bytes:
+    global _fds_pid
+    with _fds_lock:  # a descriptor is never closed under another thread's read
+        if _fds_pid != os.getpid():  # a forked worker: the parent's descriptors are not its own
+            _fds.clear()
+            _fds_pid = os.getpid()
+        fd = _fds.get(path)
+        if fd is None:
+            fd = _fds[path] = os.open(path, os.O_RDONLY)
+            if len(_fds) > OPEN_INDEX_FILES:
+                os.close(_fds.popitem(last=False)[1])
+        else:
+            _fds.move_to_end(path)
+        return os.pread(fd, n, offset)
+
+
 def line_index(path: str, stat: tuple[int, str] | None = None) -> np.ndarray:
     """[2, lines] int64 start and end offsets of the file's non-empty lines,
-    built in one streamed pass and cached locally (keyed by path or URL, size
-    and mtime or version: `stat`, else `_stat(path)`), then memory-mapped: a
-    restart reads no corpus byte to start."""
+    memory-mapped from its cache file (`line_index_file`)."""
+    return np.load(line_index_file(path, stat), mmap_mode="r")
+
+
+def line_index_file(path: str, stat: tuple[int, str] | None = None) -> str:
+    """The .npy of line_index: built in one streamed pass and cached locally
+    (keyed by path or URL, size and mtime or version: `stat`, else
+    `_stat(path)`): a restart reads no corpus byte to start."""
     size, version = stat or _stat(path)
     where = path if is_url(path) else os.path.abspath(path)
     key = hashlib.blake2b(f"{where}|{size}|{version}".encode(), digest_size=16).hexdigest()
     cached = os.path.join(index_cache_dir(), f"{key}.npy")
     if os.path.isfile(cached):
-        return np.load(cached, mmap_mode="r")
+        return cached
     newlines, offset = [], 0
     with _open_binary(path) as f:
         while chunk := f.read(INDEX_CHUNK):
@@ -249,7 +319,7 @@ def line_index(path: str, stat: tuple[int, str] | None = None) -> np.ndarray:
     with open(tmp, "wb") as f:
         np.save(f, index)
     os.replace(tmp, cached)  # atomic: concurrent hosts never read half an index
-    return np.load(cached, mmap_mode="r")
+    return cached
 
 
 class LineSource(_Source):
@@ -264,7 +334,7 @@ class LineSource(_Source):
         # indexes without a request per file.
         self._stats = {p: _stat(p) for p in files if is_url(p)}
         for path in files:
-            index = line_index(path, self._stats.get(path))
+            index = NpyReader(line_index_file(path, self._stats.get(path)))
             if index.shape[1] == 0:
                 log.warning("%s: skipping empty file %s", name, path)
                 continue
@@ -275,19 +345,20 @@ class LineSource(_Source):
             raise ValueError(f"{name}: all files are empty: {files[:3]}")
         self.offsets = np.cumsum([0] + counts)
 
-    def __getstate__(self):  # workers map the cached indexes themselves
+    def __getstate__(self):  # workers open the cached indexes themselves
         return {k: v for k, v in self.__dict__.items() if k != "_index"}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._index = [line_index(p, self._stats.get(p)) for p in self.files]
+        self._index = [NpyReader(line_index_file(p, self._stats.get(p))) for p in self.files]
 
     def __len__(self):
         return int(self.offsets[-1])
 
     def __getitem__(self, i):
         fid = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        start, end = (int(x) for x in self._index[fid][:, i - self.offsets[fid]])
+        index, j = self._index[fid], int(i - self.offsets[fid])
+        start, end = int(index.flat(j)[0]), int(index.flat(index.shape[1] + j)[0])  # rows: starts, ends
         path = self.files[fid]
         where = f"{path} line at byte {start}"
         try:
@@ -315,6 +386,9 @@ class LineSource(_Source):
 
     def keys(self, lo=0, hi=None):
         return _position_keys(self.files, self.offsets, lo, hi)
+
+    def key_basis(self):
+        return _position_basis(self.files, self.offsets)
 
 
 def _parquet_file(path: str):
@@ -395,9 +469,15 @@ class ParquetSource(_Source):
                              f"cannot read: {e}")
         return self._cell(text, f"{self.files[self.groups[k][0]]} row {i - self.offsets[k]}")
 
-    def keys(self, lo=0, hi=None):
+    def _file_offsets(self):
         rows = np.bincount([f for f, _, _ in self.groups], [n for _, _, n in self.groups], len(self.files))
-        return _position_keys(self.files, np.concatenate([[0], np.cumsum(rows)]), lo, hi)
+        return np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+
+    def keys(self, lo=0, hi=None):
+        return _position_keys(self.files, self._file_offsets(), lo, hi)
+
+    def key_basis(self):
+        return _position_basis(self.files, self._file_offsets())
 
 
 class TfdsSource(_Source):
@@ -520,16 +600,38 @@ class ArrowSource(_Source):
     def keys(self, lo=0, hi=None):
         return _position_keys(self.files, self.offsets, lo, hi)
 
+    def key_basis(self):
+        return _position_basis(self.files, self.offsets)
+
 
 class Subset(_Source):
-    def __init__(self, source: _Source, indices: np.ndarray):
-        self.source, self.indices, self.name = source, indices, source.name
+    """The documents of `source` at `indices`, or at those of the .npy file
+    `path` (read an index at a time, NpyReader; workers get the path, not a copy)."""
+
+    def __init__(self, source: _Source, indices: np.ndarray | None = None, path: str | None = None):
+        self.source, self.name, self.path = source, source.name, path
+        self._indices = indices
+        self._reader = NpyReader(path) if path else None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if not (k == "_indices" and self.path)}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_indices", None)
+
+    @property
+    def indices(self) -> np.ndarray:
+        """All of them (memory-mapped when from a file): for whole-split work."""
+        if self._indices is None:
+            self._indices = np.load(self.path, mmap_mode="r")
+        return self._indices
 
     def __len__(self):
-        return len(self.indices)
+        return len(self._reader) if self._reader else len(self._indices)
 
     def __getitem__(self, i):
-        return self.source[int(self.indices[i])]
+        return self.source[int(self._reader.flat(int(i))[0] if self._reader else self._indices[i])]
 
 
 def embedded_root() -> str:
@@ -610,16 +712,50 @@ def open_source(kind: str, arg: str, data, split: str) -> tuple[_Source, bool]:
     raise ValueError(f"config.data.source: unknown kind {kind!r}; one of {SOURCES}")
 
 
+# Eval-split keys are hashed this many documents at a time (bounded temporaries).
+SPLIT_CHUNK = 1 << 20
+
+
+def _split_indices(source: _Source, split: str, eval_fraction: float) -> np.ndarray:
+    """Sorted indices of the split's documents, in the smallest integer type."""
+    n = len(source)
+    dtype = np.uint32 if n < 2**32 else np.int64
+    parts = []
+    for lo in range(0, n, SPLIT_CHUNK):
+        held_out = is_eval(source.keys(lo, min(n, lo + SPLIT_CHUNK)), eval_fraction)
+        parts.append((np.flatnonzero(held_out if split == "eval" else ~held_out) + lo).astype(dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
 def split_source(source: _Source, has_split: bool, split: str, eval_fraction: float) -> _Source:
-    """The train or eval part of a source without its own split, by hash."""
+    """The train or eval part of a source without its own split, by hash.
+    Where the keys have a small basis (file names and document counts), the
+    indices are cached beside the line indexes and read one at a time: a
+    start holds none of them in memory, whatever the corpus size."""
     if has_split:
         return source
-    held_out = is_eval(source.keys(), eval_fraction)
-    idx = np.flatnonzero(held_out if split == "eval" else ~held_out)
-    if len(idx) == 0:
+    basis = source.key_basis()
+    path = None
+    if basis is not None:
+        key = hashlib.blake2b(basis + f"|{eval_fraction!r}|{split}".encode(), digest_size=16).hexdigest()
+        path = os.path.join(index_cache_dir(), f"split-{key}.npy")
+    idx = None
+    if not (path and os.path.isfile(path)):
+        idx = _split_indices(source, split, eval_fraction)
+        if path and len(idx) >= SPLIT_CHUNK // 16:  # small splits cost less than a file
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, idx)
+            os.replace(tmp, path)  # atomic, as line_index
+            idx = None
+        else:
+            path = None
+    subset = Subset(source, idx, path)
+    if len(subset) == 0:
         raise ValueError(f"config.data.eval_fraction={eval_fraction}: the {split} split of "
                          f"{source.name} has no documents")
-    return Subset(source, idx)
+    return subset
 
 
 # A window of the Parquet train order spans at least this many rows (fewer
