@@ -2,24 +2,27 @@
 
     python -m t5lab.train --config configs/ul2.py:tiny --workdir runs/x [--config.key=value ...]
 
-Order of business: validate everything (config, data, tokenizer, checkpoint
-shapes) before anything is written; then resume from the workdir's latest
-checkpoint (train state and data position), or start from a Hugging Face
-checkpoint, or from random init; train; save on schedule, on SIGTERM/SIGINT
-and at the end.
+`run` in four steps: `_check_inputs` (config, data, tokenizer, mesh, program
+shapes, before anything is written); `_start` (the workdir's latest checkpoint
+with its data position, or a Hugging Face checkpoint, or random init);
+`_record` (config.json and the tokenizer into the workdir); `_train_loop`
+(steps, metrics, evals, checkpoints on schedule, on SIGTERM/SIGINT and at the
+end).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import math
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import tempfile
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -186,16 +189,49 @@ def _data_state(data_iter, fingerprint: dict) -> dict:
     return {"fingerprint": fingerprint, "lanes": lanes.tolist()}
 
 
+@dataclasses.dataclass
+class _Run:
+    """What a run is made of once its inputs have been checked."""
+    config: Any
+    workdir: str
+    tok_path: str
+    train_ds: Any
+    mesh: Any
+    program: Any
+    is_main: bool
+
+
 def run(config, workdir: str, *, progress: bool = True) -> dict:
-    """Trains to config.train.steps (or train.stop_at_step); returns the last metrics."""
+    """Trains to config.train.steps (or train.stop_at_step); returns the last metrics.
+    The steps, in order: check every input, start (resume, Hugging Face or
+    random), record the run in its workdir, train."""
     sharding.initialize_distributed()
+    r = _check_inputs(config, workdir)
+    if r.is_main:
+        storage.makedirs(r.workdir)
+    lock = _WorkdirLock(r.workdir) if r.is_main else None
+    try:
+        ckpts = checkpointing.Checkpoints(r.workdir, config.checkpoint)
+        data_iter = iter(r.train_ds)
+        try:
+            state, origin, notes, data_restarted = _start(r, ckpts, data_iter)
+            _record(r)
+        except BaseException:
+            data_iter.close()  # its worker processes too
+            raise
+        return _train_loop(r, ckpts, data_iter, state, origin, notes, data_restarted, progress)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _check_inputs(config, workdir: str) -> _Run:
+    """Everything that can fail on bad input, before anything is written: the
+    config, the workdir, the tokenizer, the data (one document read), the mesh,
+    the batch split and the compiled program's shapes."""
     config_lib.validate(config)
     from t5lab.data import pipeline
-    from t5lab.data.denoising import DENOISER_NAMES
-
     workdir = storage.absolute(workdir)
-    is_main = jax.process_index() == 0
-    # ---- everything that can fail on bad input, before anything is written
     try:
         storage.check(workdir)
         _check_workdir_config(workdir, config)
@@ -211,76 +247,77 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
         raise config_lib.ConfigError(f"--workdir {e}") from None
     except (ValueError, KeyError) as e:  # the data, tokenizer or optimizer refused the input
         raise config_lib.ConfigError(e.args[0] if e.args else repr(e)) from e
-    if is_main:
-        storage.makedirs(workdir)
-    lock = _WorkdirLock(workdir) if is_main else None
-    try:
-        return _train(config, workdir, program, train_ds, tok_path, mesh, is_main, progress,
-                      DENOISER_NAMES)
-    finally:
-        if lock:
-            lock.release()
+    return _Run(config, workdir, tok_path, train_ds, mesh, program, jax.process_index() == 0)
 
 
-def _train(config, workdir, program, train_ds, tok_path, mesh, is_main, progress, denoiser_names):
+def _start(r: _Run, ckpts, data_iter):
+    """(train state, where it came from, notes for the terminal, whether the
+    data stream restarted): the latest intact checkpoint with its data
+    position, else the Hugging Face checkpoint of init.from_hf, else random."""
     from t5lab.data import pipeline
-    ckpts = checkpointing.Checkpoints(workdir, config.checkpoint)
+    config, program = r.config, r.program
     notes = []
     latest = ckpts.latest_intact_step(report=notes.append)
-    data_iter = iter(train_ds)
-    restarted_data = False
-    if latest is not None:
-        saved = ckpts.restore_data(latest)
-        diff = pipeline.fingerprint_difference(saved["fingerprint"], train_ds.fingerprint)
-        if diff and not config.train.allow_data_change:
-            raise config_lib.ConfigError(
-                f"config.data: the data changed since checkpoint {latest} ({diff}); resuming would "
-                f"replay its position into other data. Restore the data, or continue deliberately "
-                f"with --config.train.allow_data_change=true (the stream restarts at step {latest})")
-        state = ckpts.restore(latest, program.abstract_state)
-        # One batch per step: the stream's batch count (which picks a mixture
-        # schedule's phase) is the step.
-        if diff:
-            restarted_data = True
-            notes.append(f"data changed ({diff}): the data stream restarts at step {latest}")
-            data_iter.set_state({"lanes": {str(i): [0, 0, 0] for i in data_iter.lanes}, "batches": latest})
-        else:
-            data_iter.set_state({"lanes": {str(i): p for i, p in enumerate(saved["lanes"])},
-                                 "batches": latest})
-        origin = f"resumed from {ckpts.root}/{latest}"
-    elif config.init.from_hf:
+    if latest is None:
         state = program.init_state(jax.random.key(config.train.seed))
-        state["params"] = _params_from_hf(config, program)
-        origin = f"initialised from Hugging Face checkpoint {config.init.from_hf}"
+        if config.init.from_hf:
+            state["params"] = _params_from_hf(config, program)
+            return state, f"initialised from Hugging Face checkpoint {config.init.from_hf}", notes, False
+        return state, "initialised at random", notes, False
+    saved = ckpts.restore_data(latest)
+    diff = pipeline.fingerprint_difference(saved["fingerprint"], r.train_ds.fingerprint)
+    if diff and not config.train.allow_data_change:
+        raise config_lib.ConfigError(
+            f"config.data: the data changed since checkpoint {latest} ({diff}); resuming would "
+            f"replay its position into other data. Restore the data, or continue deliberately "
+            f"with --config.train.allow_data_change=true (the stream restarts at step {latest})")
+    state = ckpts.restore(latest, program.abstract_state)
+    # One batch per step: the stream's batch count (which picks a mixture
+    # schedule's phase) is the step.
+    if diff:
+        notes.append(f"data changed ({diff}): the data stream restarts at step {latest}")
+        data_iter.set_state({"lanes": {str(i): [0, 0, 0] for i in data_iter.lanes}, "batches": latest})
     else:
-        state = program.init_state(jax.random.key(config.train.seed))
-        origin = "initialised at random"
+        data_iter.set_state({"lanes": {str(i): p for i, p in enumerate(saved["lanes"])},
+                             "batches": latest})
+    return state, f"resumed from {ckpts.root}/{latest}", notes, bool(diff)
 
-    if is_main:
-        storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-        if not storage.exists(storage.join(workdir, "tokenizer.model")):
-            storage.upload(tok_path, storage.join(workdir, "tokenizer.model"))
+
+def _record(r: _Run) -> None:
+    """The workdir keeps the config it was last run with and the tokenizer of its first start."""
+    if not r.is_main:
+        return
+    storage.write_text(storage.join(r.workdir, "config.json"), r.config.to_json_best_effort(indent=2))
+    if not storage.exists(storage.join(r.workdir, "tokenizer.model")):
+        storage.upload(r.tok_path, storage.join(r.workdir, "tokenizer.model"))
+
+
+def _train_loop(r: _Run, ckpts, data_iter, state, origin, notes, data_restarted, progress) -> dict:
+    """Steps to the end (or train.stop_at_step): metrics every train.log_every
+    steps, read one step late so dispatch never waits; evals; checkpoints on
+    schedule, on a stop signal and at the end."""
+    from t5lab.data.denoising import DENOISER_NAMES
+    config, program, workdir = r.config, r.program, r.workdir
     start = int(jax.device_get(state["step"]))
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=start)
-    if restarted_data:
+    writer = metrics_lib.MetricWriter(workdir, enabled=r.is_main, resume_step=start)
+    if data_restarted:
         writer.write(start, {"data_restarted": 1.0})
     end = config.train.stop_at_step or config.train.steps
-    bar = metrics_lib.Progress(config.train.steps, start, enabled=is_main and progress)
+    bar = metrics_lib.Progress(config.train.steps, start, enabled=r.is_main and progress)
     for note in notes:
         bar.message(f"t5lab: {note}")
     bar.message(f"t5lab: {config.model.arch} model, {_count(state['params']) / 1e6:.2f}M params, "
-                f"mesh {dict(mesh.shape)} on {jax.device_count()} devices "
+                f"mesh {dict(r.mesh.shape)} on {jax.device_count()} devices "
                 f"({jax.process_count()} processes); {origin}")
 
     flops_per_step = _model_flops(config, state["params"])
     peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind,
                                    config.train.peak_tflops_per_device)
-    n_den = num_denoisers(config)
-    names = denoiser_names if n_den else ()
+    names = DENOISER_NAMES if num_denoisers(config) else ()
     window, last = [], {}
     t_window = time.time()
     pending = None  # (step, device metrics): read one step late so dispatch never waits
-    fingerprint = train_ds.fingerprint
+    fingerprint = r.train_ds.fingerprint
 
     def finish(step_done: int, m_dev):
         nonlocal t_window, window, last
@@ -323,7 +360,7 @@ def _train(config, workdir, program, train_ds, tok_path, mesh, is_main, progress
                 pending = (step, m_dev)
                 if config.train.eval_every and step % config.train.eval_every == 0:
                     flush()
-                    ev = evaluate(config, program, state["params"], tok_path, names)
+                    ev = evaluate(config, program, state["params"], r.tok_path, names)
                     writer.write(step, ev)
                     bar.message(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
                 if stop.agreed(step):
