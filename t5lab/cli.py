@@ -218,12 +218,11 @@ def _prepare(argv: list[str], merge: bool) -> None:
 
 def _bound_host_memory() -> None:
     """Gives every allocation of 1 MiB or more its own mapping, returned to the
-    OS when freed. glibc otherwise raises that threshold to the largest block
-    freed so far, and the checkpoint reader's threads then keep each group's
-    freed buffers in their arenas: measured, a leaf-by-leaf read of 260 MB of
-    params held 120 MB after the last leaf was freed, and peaked at 3.5x the
-    largest leaf instead of 1.5x. Set only in an export's own process (a
-    fixed threshold would change the allocator for anything run after it)."""
+    OS when freed: glibc otherwise raises that threshold to the largest block
+    freed so far, and the checkpoint reader's threads keep each group's freed
+    buffers in their arenas (docs/models.md, host memory). Set only in an
+    export's own process (a fixed threshold would change the allocator for
+    anything run after it)."""
     import ctypes
     try:
         ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD

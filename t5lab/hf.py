@@ -345,9 +345,9 @@ def _shard_names(sizes: list[int], max_bytes: int) -> list[str]:
 
 
 _BLOCK_BYTES = 1 << 24  # float32 bytes of one tensor's rows converted and written at a time
-# Bytes of source leaves per checkpoint read. Each read parses the whole
-# checkpoint's metadata (measured: 0.5 s for a state of 1,700 leaves), and the
-# host holds about 1.2x a group while reading it (the reader's buffers).
+# Bytes of source leaves per checkpoint read: each read parses the whole
+# checkpoint's metadata (slow for many leaves), and the host holds about 1.2x
+# a group while reading it (docs/models.md, host memory).
 READ_BATCH_BYTES = 1 << 30
 
 

@@ -1,6 +1,11 @@
 """Where metrics go: DIR/metrics.jsonl, TensorBoard event files (written here
 without TensorFlow), and a progress line on the terminal. Plus the model-FLOPs
 count behind MFU. Only process 0 writes.
+
+The event writer is ours, not tensorboardX's: scalar events are ~60 lines of
+record framing and protobuf fields (tests/test_metrics.py reads them back
+with TensorBoard's own reader), and tensorboardX would add itself and
+protobuf to every install for that.
 """
 from __future__ import annotations
 

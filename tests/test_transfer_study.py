@@ -14,6 +14,9 @@ import time
 
 import pytest
 
+# One worker runs this file's tests: they share one (module-scoped) study run.
+pytestmark = pytest.mark.xdist_group("transfer_study")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = ("i", "ii", "iii", "iv", "v", "iv_replay")
 LABELS = ("(i) source tokenizer", "(ii) new tokenizer, random", "(iii) new tokenizer, overlap",
