@@ -2,12 +2,11 @@
 
 XLA's CPU runtime allocates each step's temporary buffers afresh (gigabytes
 for T5 small). glibc's allocator hands such blocks back to the kernel when
-they are freed, so every step first-touches them again in 4 KiB pages: ~740,000 page faults and
-~1.7 s of kernel time per T5-small step on this project's 2-core machine,
-about a quarter of the step. glibc >= 2.35 can back its large allocations
-with transparent huge pages (`glibc.malloc.hugetlb=1`, a tunable read only
-at process start), which removes nearly all of them (measured: 740k -> 2k
-faults, 6.6 -> 5.2 s per step). The entry points (`t5lab`, `python -m
+they are freed, so every step first-touches them again in 4 KiB pages: page
+faults cost about a quarter of a T5-small step on a 2-core machine. glibc >=
+2.35 can back its large allocations with transparent huge pages
+(`glibc.malloc.hugetlb=1`, a tunable read only at process start), which
+removes nearly all of them (docs/performance.md has the figures). The entry points (`t5lab`, `python -m
 t5lab.train`, tools/benchmark.py) therefore re-execute themselves once with
 the tunable set, but only when the run will compute on the CPU: with a GPU
 or TPU the step's buffers live in device memory and the re-exec buys nothing.

@@ -210,10 +210,9 @@ def build_program(config, mesh, total_steps: int | None = None) -> TrainProgram:
                         jit_train=jit_train)
 
 
-# XLA's CPU backend hands dots and elementwise ops to YNNPACK by default; for the
-# train step its Eigen path is faster (T5 v1.1 small, batch 16 x 256+64, float32,
-# 2-core Zen 4: 8 alternating steps, median 6.24 vs 6.44 s, 6 of 8 pairs faster)
-# and so is a plain 2048^3 matmul (best of 15: 202-208 vs 195-204 GFLOP/s).
+# XLA's CPU backend hands dots and elementwise ops to YNNPACK by default; its
+# Eigen path was faster for the train step and for plain matmuls here
+# (docs/performance.md has the measurements).
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
