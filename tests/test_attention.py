@@ -82,6 +82,57 @@ def test_implementation_equals_xla(arch, impl, scan, monkeypatch):
         np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
+def _unpacked_batch(arch: str, rng):
+    """No segment ids: one example per row, padded at the end (rows of
+    different lengths, one of them full); decoder-only rows without a prefix."""
+    def rows(width, lens):
+        toks = np.zeros((len(lens), width), np.int32)
+        for r, n in enumerate(lens):
+            toks[r, :n] = rng.integers(2, 100, n)
+        return toks
+
+    if arch == "encoder_decoder":
+        return dict(encoder_input_tokens=rows(ENC, (ENC, 13)), decoder_input_tokens=rows(DEC, (9, DEC)))
+    return {f"{'encoder' if arch == 'encoder' else 'decoder'}_input_tokens": rows(ENC, (17, ENC))}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_dpa_on_unpacked_rows_uses_key_lengths_and_equals_xla(arch, monkeypatch):
+    """Unpacked rows reach jax.nn.dot_product_attention as key lengths and a
+    causal flag (no [B, 1, Q, K] mask for cuDNN to fold into T5's bias)."""
+    kw = dict(ARCHS[arch], scan_layers=True)
+    xla_cfg = make_config(ENC, DEC, attention="xla", **kw)
+    _, _, params = init(xla_cfg)
+    batch = _unpacked_batch(arch, np.random.default_rng(2))
+    tokens = batch["encoder_input_tokens" if arch == "encoder" else "decoder_input_tokens"]
+    valid = tokens > 0
+    ref_logits, ref_grads = _loss_and_grads(xla_cfg, params, batch, valid)
+
+    masks, real = [], attention.for_dot_product
+    monkeypatch.setattr(attention, "for_dot_product", lambda *a: masks.append(real(*a)) or masks[-1])
+    logits, grads = _loss_and_grads(make_config(ENC, DEC, attention="dpa", **kw), params, batch, valid)
+    assert masks and all(m.dense is None for m in masks)
+    if arch != "decoder":  # the encoder's keys (and the cross-attention's) by length
+        assert any(m.kv_lengths is not None and not m.causal for m in masks)
+    if arch != "encoder":
+        assert any(m.causal for m in masks)
+    np.testing.assert_allclose(logits[valid], ref_logits[valid], atol=2e-5, rtol=1e-5)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_key_lengths_count_valid_keys_and_never_zero():
+    valid = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], bool)
+    m = attention.for_dot_product(attention.Masking(kv_valid=valid), 5, 5)
+    assert m.dense is None and not m.causal
+    np.testing.assert_array_equal(m.kv_lengths, [3, 5, 1])
+    seg = jnp.ones((3, 5), jnp.int32)
+    packed = attention.for_dot_product(attention.Masking(seg, seg, valid, causal=True), 5, 5)
+    assert packed.kv_lengths is None and packed.dense.shape == (3, 1, 5, 5)
+    prefix = attention.for_dot_product(attention.Masking(prefix=valid, causal=True), 5, 5)
+    assert prefix.dense is not None
+
+
 def test_auto_resolves_per_platform_and_explicit_kernels_refuse_the_wrong_one():
     assert attention.resolve("auto", jnp.bfloat16) == "xla"          # this CPU
     assert attention.resolve("auto", jnp.bfloat16, decode=True) == "xla"

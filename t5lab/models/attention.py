@@ -15,7 +15,9 @@
 
 Fused kernels need the mask as vectors, not as a dense [B, 1, Q, K] array:
 `Masking` carries segment ids, key validity, causality and the prefix-LM
-prefix, and `dense_mask` builds the dense mask for those that take one.
+prefix; `dense_mask` builds the dense mask for those that take one, and
+`for_dot_product` what `dpa`/`cudnn` take (key lengths and a causal flag
+for unpacked rows).
 """
 from __future__ import annotations
 
@@ -88,16 +90,43 @@ def resolve(name: str, dtype, decode: bool = False, dropout_rate: float = 0.0) -
     return name
 
 
-def dot_product(q, k, v, mask=None, bias=None, *, scale: float, implementation: str):
-    """`jax.nn.dot_product_attention` on [B, T, H, D] inputs. mask: bool,
-    broadcastable to [B, H, Q, K]; bias: float, broadcastable likewise (cuDNN
-    differentiates a bias only when it is shared by the batch, as T5's is)."""
+@struct.dataclass
+class DotProductMask:
+    """A `Masking` as `jax.nn.dot_product_attention` takes it. Unpacked rows
+    (no segment ids, no prefix) become key lengths and a causal flag, so no
+    per-row array reaches the kernel: cuDNN folds a mask into its bias, and a
+    padding mask [B, 1, Q, K] would make T5's shared [1, H, Q, K] bias a
+    [B, H, Q, K] one, formed and differentiated in every layer. Key lengths
+    are exact because unpacked rows pad at the end (t5lab's pipeline and
+    t5x's); packed rows keep the dense mask."""
+    dense: Any = None
+    kv_lengths: Any = None
+    causal: bool = struct.field(pytree_node=False, default=False)
+
+
+def for_dot_product(m: Masking, q_len: int, k_len: int) -> DotProductMask:
+    if m.q_segments is not None or m.kv_segments is not None or (m.causal and m.prefix is not None):
+        return DotProductMask(dense=dense_mask(m, q_len, k_len))
+    lengths = None
+    if m.kv_valid is not None:
+        # At least one key: a row of padding then attends to its first
+        # position, not to a length 0 that the kernel need not define.
+        lengths = jnp.maximum(jnp.sum(m.kv_valid, axis=-1, dtype=jnp.int32), 1)
+    return DotProductMask(kv_lengths=lengths, causal=m.causal)
+
+
+def dot_product(q, k, v, mask: DotProductMask, bias=None, *, scale: float, implementation: str):
+    """`jax.nn.dot_product_attention` on [B, T, H, D] inputs. bias: float,
+    broadcastable to [B, H, Q, K] (cuDNN differentiates a bias only when it
+    is shared by the batch, as T5's is)."""
     if bias is not None:
         bias = bias.astype(q.dtype)
-    if mask is not None and implementation == "cudnn":
+    dense = mask.dense
+    if dense is not None and implementation == "cudnn":
         # cuDNN folds the mask into the bias and wants its last two dims [Q, K].
-        mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+        dense = jnp.broadcast_to(dense, (dense.shape[0], 1, q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=dense, scale=scale,
+                                        is_causal=mask.causal, key_value_seq_lengths=mask.kv_lengths,
                                         implementation=implementation)
 
 

@@ -191,7 +191,7 @@ class Attention(nn.Module):
     What `mask` and `bias` are depends on the implementation (models/attention.py):
     `xla`: mask bool or None, bias float32 broadcastable to [B, H, Q, K] (stacks
     fold the mask into the bias once, `additive_mask`, so each layer does one add
-    and its backward pass no select); `dpa`/`cudnn`: mask bool [B|1, 1, Q, K],
+    and its backward pass no select); `dpa`/`cudnn`: mask an `attention.DotProductMask`,
     bias the relative bias [1, H, Q, K] or None; `flash`: mask an
     `attention.Masking`, bias the relative-bias table [H, buckets] or None, with
     `relpos` = (bidirectional, buckets, max_distance).

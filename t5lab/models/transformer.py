@@ -180,7 +180,11 @@ class Stack(nn.Module):
                 q_pos = k_pos = jnp.arange(t)[None]
             mask = attn.Masking(segment_ids, segment_ids, key_valid, prefix, self.causal)
         cross_mask = cross
-        if impl != "flash":
+        if impl in ("dpa", "cudnn"):  # never in decode mode (attn.resolve)
+            mask = attn.for_dot_product(mask, t, t)
+            if cross is not None:
+                cross_mask = attn.for_dot_product(cross, t, encoded.shape[1])
+        elif impl != "flash":
             if not decode:
                 mask = attn.dense_mask(mask, t, t)
             if cross is not None:
