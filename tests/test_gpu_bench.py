@@ -53,9 +53,36 @@ def test_cpu_smoke_prints_every_row_and_a_failing_row_does_not_stop_it(tmp_path)
             assert _number(r[5]) > 0, r
     assert "bf16 matmul peak:" in p.stdout and "TFLOP/s (cpu" in p.stdout
 
-    # --json: one object per row, agreeing with the table.
+    # The attention check (dpa for cudnn on the CPU) prints its own table first.
+    check = p.stdout[p.stdout.index("attention check ("):p.stdout.index("bf16 matmul peak:")]
+    check_rows = [l for l in check.splitlines() if l.startswith("| encoder_decoder |")]
+    assert len(check_rows) == 2 and all(l.rstrip().endswith("| yes |") for l in check_rows), check
+
+    # --json: one object per row, agreeing with the tables.
     objs = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    checks = [o for o in objs if o["kind"] == "check"]
+    assert [(c["packed"], c["ok"]) for c in checks] == [(True, True), (False, True)]
+    for c in checks:  # dpa within bf16 rounding of float32 xla, as bf16 xla is
+        assert 0 < c["impl_logits"] < 0.05 and 0 < c["impl_grads"] < 0.15, c
+    objs = [o for o in objs if o["kind"] != "check"]
     assert [o["attention"] for o in objs[:3]] == ["xla", "flash", "nosuch"] and len(objs) == 4
     assert objs[0]["peak_flops"] > 0 and objs[0]["model_flops"] > 0
     assert objs[0]["mfu"] == objs[0]["model_flops"] / objs[0]["step_s"] / objs[0]["peak_flops"]
     assert {"peak.log", "t5lab_xla.log", "t5lab_flash.log"} <= set(os.listdir(tmp_path / "logs"))
+
+
+def test_attention_check_fails_an_implementation_that_differs(monkeypatch):
+    """The check's verdict comes from the numbers: dpa with its logits scaled
+    by 1.1 (a plausible kernel bug) is reported as not equal."""
+    import argparse
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import gpu_bench
+    from t5lab.models import attention
+
+    real = attention.dot_product
+    monkeypatch.setattr(attention, "dot_product",
+                        lambda q, k, v, m, b=None, *, scale, implementation:
+                        real(q, k, v, m, b, scale=scale * 1.1, implementation=implementation))
+    args = argparse.Namespace(cpu_smoke=True, check_cases="decoder:unscanned:unpacked")
+    (case,) = gpu_bench.part_check(args, "dpa")["cases"]
+    assert case["ok"] is False and case["impl_logits"] > 2 * case["xla_logits"], case

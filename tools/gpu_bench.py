@@ -8,10 +8,14 @@ runs out of time becomes a table row saying so; the others still run):
   1. the GPU's bf16 matmul peak: a jitted n x n bf16 product, best of 5
      rounds of 10 back-to-back products; plus JAX's environment report and
      t5lab's model FLOPs per step for the config and shape;
-  2. t5lab's train step (tools/benchmark.py's batch and overrides, with
-     model.dtype=bfloat16) once per --attention implementation: compile, 2
-     warm-up steps, --steps timed steps, median;
-  3. the peer, ../shared/bench/peer_torch_t5_gpu.py (transformers' PyTorch T5
+  2. the attention check: --check (cudnn) against xla on small T5 blocks of
+     every architecture, packed (segments and padding) and unpacked (key
+     lengths): logits and gradients in bf16, each against xla in float32;
+     printed as its own table;
+  3. t5lab's train step (tools/benchmark.py's batch and overrides, with
+     model.dtype=bfloat16 and scanned layers) once per --attention
+     implementation: compile, 2 warm-up steps, --steps timed steps, median;
+  4. the peer, ../shared/bench/peer_torch_t5_gpu.py (transformers' PyTorch T5
      as nanoT5 trains it: bf16 autocast, torch.compile, fused AdamW), at the
      same shape; if its compiled run fails, again with --no-compile when time
      is left.
@@ -49,13 +53,14 @@ RESULT = "GPU_BENCH_PART "  # prefix of the one JSON line a part prints
 VERSIONS = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax",
             "orbax-checkpoint", "ml-collections", "numpy", "torch", "transformers")
 GPU = dict(config="configs/t5_1_1.py:base", batch=32, inputs=512, targets=114, steps=10,
-           attention="xla,cudnn", peak_n=8192, budget=470, timeout_peak=60, timeout_row=170,
-           timeout_peer=230)
+           attention="xla,cudnn", peak_n=8192, budget=470, timeout_peak=60, timeout_check=150,
+           timeout_row=90, timeout_peer=200, check="cudnn", check_cases="all")
 # Tiny shapes; dpa stands in for cudnn (the same jax.nn.dot_product_attention
 # call with XLA's implementation), which needs a GPU.
 SMOKE = dict(config="configs/t5_1_1.py:tiny", batch=2, inputs=32, targets=16, steps=2,
-             attention="xla,dpa", peak_n=512, budget=300, timeout_peak=60, timeout_row=120,
-             timeout_peer=90)
+             attention="xla,dpa", peak_n=512, budget=300, timeout_peak=60, timeout_check=120,
+             timeout_row=120, timeout_peer=90, check="dpa",
+             check_cases="encoder_decoder:scanned:packed,encoder_decoder:unscanned:unpacked")
 
 
 def parse(argv):
@@ -77,8 +82,14 @@ def parse(argv):
     p.add_argument("--peak-n", type=int, help=f"matmul size for the bf16 peak {d('peak_n')}")
     p.add_argument("--budget", type=float, help=f"seconds for the whole run {d('budget')}")
     p.add_argument("--timeout-peak", type=float, help=f"seconds for part 1 {d('timeout_peak')}")
-    p.add_argument("--timeout-row", type=float, help=f"seconds per t5lab row {d('timeout_row')}")
-    p.add_argument("--timeout-peer", type=float, help=f"seconds for the peer {d('timeout_peer')}")
+    p.add_argument("--timeout-check", type=float, help=f"seconds for part 2 {d('timeout_check')}")
+    p.add_argument("--check-cases", help="part 2's ARCH:scanned|unscanned[:packed|unpacked] cases, "
+                                         "comma separated, or all "
+                                         f"{d('check_cases')}")
+    p.add_argument("--check", help=f"part 2: the model.attention value checked against xla {d('check')}")
+    p.add_argument("--no-check", action="store_true", help="leave part 2 (the attention check) out")
+    p.add_argument("--timeout-row", type=float, help=f"seconds per t5lab row (part 3) {d('timeout_row')}")
+    p.add_argument("--timeout-peer", type=float, help=f"seconds for the peer (part 4) {d('timeout_peer')}")
     p.add_argument("--peer", help="peer script (default: the first of ../shared/bench/, shared/bench/, "
                                   ".gpu_bench/peer/ that exists)")
     p.add_argument("--no-peer", action="store_true", help="leave the peer row out")
@@ -98,8 +109,10 @@ def parse(argv):
 # ------------------------------------------------------------------ parts (children)
 def step_overrides(args, attention: str | None) -> list[str]:
     """tools/benchmark.py's plain span-corruption batch and AdamW without
-    clipping (the peer's optimizer), in bf16 compute as the peer autocasts."""
-    base = ["optim.name=adamw", "optim.clip_norm=0", "model.dtype=bfloat16",
+    clipping (the peer's optimizer), in bf16 compute as the peer autocasts,
+    with scanned layers (as MaxText runs): on the H200 the unscanned T5 base
+    step did not compile within 150 s, the scanned one compiled in 19 s."""
+    base = ["optim.name=adamw", "optim.clip_norm=0", "model.dtype=bfloat16", "model.scan_layers=true",
             "data.objective=span_corruption", "data.pack=false", "model.dropout_rate=0.0",
             f"train.batch_size={args.batch}", f"data.inputs_length={args.inputs}",
             f"data.targets_length={args.targets}"]
@@ -157,13 +170,18 @@ def part_t5lab(args, overrides, attention) -> dict:
     config = load_config(args, overrides, attention)
     prog = build_program(config, sharding.make_mesh(config.mesh))
     t0 = time.perf_counter()
-    compiled = prog.lower_train().compile()
+    lowered = prog.lower_train()
+    # Progress on stderr: a part that runs out of time still says how far it got.
+    print(f"lowered in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    print(f"compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
     state = prog.init_state(jax.random.key(0))
     batch = global_batch(random_batch(config, config.train.batch_size), prog.batch_sharding)
     for _ in range(2):  # warm-up: first-run autotuning and allocation
         state, m = compiled(state, batch)
     jax.block_until_ready((state, m))
+    print(f"warm-up done at {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
@@ -179,6 +197,149 @@ def part_t5lab(args, overrides, attention) -> dict:
             "device_kind": jax.devices()[0].device_kind}
 
 
+# Part 2's models: T5 v1.1 blocks small enough to compile in seconds, with
+# head_dim and lengths that cuDNN's fused kernel takes (multiples of 8).
+CHECK_ARCHS = {
+    "encoder_decoder": dict(arch="encoder_decoder"),
+    "decoder": dict(arch="decoder", position="rope", activation="silu"),
+    "encoder": dict(arch="encoder", tie_embeddings=True, relpos_per_layer=True),
+}
+CHECK_MODEL = dict(d_model=128, num_heads=4, head_dim=32, d_ff=256, vocab_size=512, num_layers=2,
+                   relpos_buckets=32, relpos_max_distance=128, dropout_rate=0.0)
+
+
+# The attention call does not change with scanning (the suite checks dpa both
+# ways), so every architecture packed and unpacked, unscanned: on the H200 a
+# case (three small compiles) takes about 20 s.
+CHECK_ALL = ("encoder_decoder:unscanned:packed,decoder:unscanned:packed,encoder:unscanned:packed,"
+             "encoder_decoder:unscanned:unpacked,decoder:unscanned:unpacked,encoder:unscanned:unpacked")
+
+
+def check_cases(spec: str) -> list[tuple[str, bool, bool]]:
+    """(arch, scanned, packed) per ARCH:scanned|unscanned[:packed|unpacked] item."""
+    cases = []
+    for item in (CHECK_ALL if spec == "all" else spec).split(","):
+        arch, scan, packing = (item.strip().split(":") + ["packed"])[:3]
+        if arch not in CHECK_ARCHS or scan not in ("scanned", "unscanned") or packing not in ("packed", "unpacked"):
+            raise SystemExit(f"--check-cases: {item!r} is not ARCH:scanned|unscanned[:packed|unpacked] "
+                             f"with ARCH one of {', '.join(CHECK_ARCHS)}")
+        cases.append((arch, scan == "scanned", packing == "packed"))
+    return cases
+
+
+def check_batch(arch: str, enc: int, dec: int, packed: bool, rows: int = 4, seed: int = 0) -> dict:
+    """Packed: per row two or three segments and trailing padding, decoder-only
+    rows with a prefix-LM prefix (the UL2 batch's features); an
+    encoder-decoder row has the same segments in both streams, as packing
+    makes them (a target with no inputs would be a query that sees no key).
+    Unpacked: one example per row and no segment features."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(2, 4, rows)
+
+    def fill(width):
+        toks, seg, pos = (np.zeros((rows, width), np.int32) for _ in range(3))
+        for r, count in enumerate(counts):
+            # count segments of at least one token over 60-90% of the row
+            cuts = np.sort(rng.choice(np.arange(2, int(width * 0.9) - 1), count - 1, replace=False))
+            bounds = [0, *cuts, int(width * rng.uniform(0.6, 0.9))]
+            bounds[-1] = max(bounds[-1], bounds[-2] + 2)
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+                toks[r, a:b] = rng.integers(2, CHECK_MODEL["vocab_size"], b - a)
+                seg[r, a:b], pos[r, a:b] = i + 1, np.arange(b - a)
+        return toks, seg, pos
+
+    if not packed:  # one example per row, padded at the end
+        counts[:] = 1
+    if arch == "encoder_decoder":
+        (et, es, ep), (dt, ds, dp) = fill(enc), fill(dec)
+        if not packed:
+            return dict(encoder_input_tokens=et, decoder_input_tokens=dt)
+        return dict(encoder_input_tokens=et, encoder_segment_ids=es, encoder_positions=ep,
+                    decoder_input_tokens=dt, decoder_segment_ids=ds, decoder_positions=dp)
+    key = "encoder" if arch == "encoder" else "decoder"
+    t, s, p = fill(enc)
+    if not packed:
+        return {f"{key}_input_tokens": t}
+    out = {f"{key}_input_tokens": t, f"{key}_segment_ids": s, f"{key}_positions": p}
+    if arch == "decoder":
+        out["decoder_causal_attention"] = ((p < enc // 8) & (s > 0)).astype(np.int32)
+    return out
+
+
+def part_check(args, impl: str) -> dict:
+    """`impl` against `xla` on every case: logits and the gradients of a loss
+    on the valid positions, both in bf16 compute, each measured against
+    `xla` in float32 (max |a - ref| / max |ref|, per leaf, worst leaf). `impl`
+    passes where its error is at most twice bf16 `xla`'s own plus 1e-3.
+    Prints the cases done so far after each case."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from t5lab import models
+    from t5lab.config import schema, validate
+
+    enc, dec = (24, 16) if args.cpu_smoke else (128, 64)
+
+    def config(arch, scan, attention, dtype):
+        c = schema()
+        c.model.update(dict(CHECK_MODEL, **CHECK_ARCHS[arch], scan_layers=scan, attention=attention,
+                            dtype=dtype))
+        c.data.inputs_length, c.data.targets_length = enc, dec
+        return validate(c)
+
+    def run(cfg, params, batch, valid):
+        model = models.build(cfg)
+
+        def loss(p):
+            logits = model.apply({"params": p}, batch)
+            return jnp.sum(jnp.where(valid[..., None], logits, 0.0) ** 2) / valid.sum(), logits
+
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return np.asarray(logits, np.float32)[valid], [np.asarray(g, np.float32) for g in jax.tree.leaves(grads)]
+
+    def err(a, ref):
+        return float(np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+    rows = []
+    for arch, scan, packed in check_cases(args.check_cases):
+        row = dict(arch=arch, scanned=scan, packed=packed, impl=impl)
+        try:
+            ref_cfg = config(arch, scan, "xla", "float32")
+            model = models.build(ref_cfg)
+            from flax import linen as nn
+            params = nn.unbox(jax.jit(model.init)(jax.random.key(0), models.dummy_batch(ref_cfg, 1))["params"])
+            batch = check_batch(arch, enc, dec, packed)
+            valid = batch["encoder_input_tokens" if arch == "encoder" else "decoder_input_tokens"] > 0
+            ref_l, ref_g = run(ref_cfg, params, batch, valid)
+            for name, attention in (("xla", "xla"), ("impl", impl)):
+                l, g = run(config(arch, scan, attention, "bfloat16"), params, batch, valid)
+                row[f"{name}_logits"] = err(l, ref_l)
+                row[f"{name}_grads"] = max(err(a, r) for a, r in zip(g, ref_g))
+            row["ok"] = all(row[f"impl_{k}"] <= 2 * row[f"xla_{k}"] + 1e-3 for k in ("logits", "grads"))
+        except Exception as e:  # noqa: BLE001  one case's failure is a row
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        rows.append(row)
+        res = {"cases": rows, "lengths": [enc, dec], "device_kind": jax.devices()[0].device_kind}
+        print(RESULT + json.dumps(res), flush=True)  # the parent reads the last: a timeout keeps these
+    return res
+
+
+def check_table(res) -> str:
+    out = [f"attention check ({res['device_kind']}, inputs {res['lengths'][0]}, targets {res['lengths'][1]}; "
+           "error against xla float32, max |a - ref| / max |ref|, worst leaf for the gradients)",
+           "| arch | layers | rows | implementation | logits: bf16 xla | logits: impl | grads: bf16 xla "
+           "| grads: impl | equal |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["cases"]:
+        cells = [fmt(r.get(k), ".2e") for k in ("xla_logits", "impl_logits", "xla_grads", "impl_grads")]
+        verdict = "yes" if r["ok"] else ("no" if "error" not in r else f"failed: {r['error']}")
+        out.append(f"| {r['arch']} | {'scanned' if r['scanned'] else 'unscanned'} | "
+                   f"{'packed' if r['packed'] else 'unpacked'} | {r['impl']} | "
+                   + " | ".join(cells) + f" | {verdict} |")
+    return "\n".join(out)
+
+
 def run_part(args, overrides):
     name = args.part
     if name != "peak":  # huge-page malloc helps XLA:CPU only; hostenv skips it on a GPU
@@ -186,6 +347,8 @@ def run_part(args, overrides):
         hostenv.reexec_with_hugepages()
     if name == "peak":
         out = part_peak(args, overrides)
+    elif name.startswith("check:"):
+        out = part_check(args, name.split(":", 1)[1])
     elif name.startswith("t5lab:"):
         out = part_t5lab(args, overrides, name.split(":", 1)[1] or None)
     else:
@@ -363,12 +526,26 @@ def main(argv=None):
         if "model_flops_error" in peak_res:
             print(f"model FLOPs: {peak_res['model_flops_error']}", flush=True)
 
-    # 2. t5lab rows
-    rows = []
-    has_key, values = attention_support(args, overrides)
     # JAX falls back to the CPU when its CUDA plugin fails to load: T5 base
     # there would only burn the budget.
     no_gpu = (not args.cpu_smoke and peak_res is not None and peak_res["backend"] != "gpu")
+
+    # 2. the attention check
+    check_rows = []
+    if not args.no_check and not no_gpu:
+        check_res, check_note = part(f"check:{args.check}", me + ["--part", f"check:{args.check}"],
+                                     args.timeout_check)
+        if check_res:  # all cases, or those done before a timeout (the note says)
+            print(check_table(check_res) + (f"\nattention check: {check_note}" if check_note else ""),
+                  flush=True)
+            check_rows = [dict(kind="check", **c) for c in check_res["cases"]]
+        else:
+            print(f"attention check: {check_note}", flush=True)
+            check_rows = [dict(kind="check", impl=args.check, ok=False, error=check_note)]
+
+    # 3. t5lab rows
+    rows = []
+    has_key, values = attention_support(args, overrides)
     for i, impl in enumerate(a.strip() for a in args.attention.split(",") if a.strip()):
         row = {"kind": "t5lab", "name": "t5lab", "attention": impl}
         if no_gpu:
@@ -384,7 +561,7 @@ def main(argv=None):
         rows.append(row)
     flops = flops or next((r["model_flops"] for r in rows if r.get("model_flops")), None)
 
-    # 3. the peer
+    # 4. the peer
     if not args.no_peer:
         row = {"kind": "peer", "name": "peer: transformers torch T5", "attention": "-"}
         script = find_peer(args)
@@ -421,6 +598,8 @@ def main(argv=None):
     text = table(rows, peak)
     if args.json:
         with open(args.json, "a") as f:
+            for r in check_rows:
+                f.write(json.dumps(r) + "\n")
             for r in rows:
                 f.write(json.dumps({**{k: v for k, v in r.items() if k != "environment"},
                                     "peak_flops": peak, "config": args.config, "batch": args.batch,
