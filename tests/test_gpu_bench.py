@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CI lays shared/ beside the clone; the peer runs on the CPU with --cpu.
 PEER = os.path.join(ROOT, "..", "shared", "bench", "peer_torch_t5_gpu.py")
@@ -64,7 +66,12 @@ def test_cpu_smoke_prints_every_row_and_a_failing_row_does_not_stop_it(tmp_path)
     assert [(c["packed"], c["ok"]) for c in checks] == [(True, True), (False, True)]
     for c in checks:  # dpa within bf16 rounding of float32 xla, as bf16 xla is
         assert 0 < c["impl_logits"] < 0.05 and 0 < c["impl_grads"] < 0.15, c
+    # Part 3's profile: a table per t5lab row from its own jax.profiler trace.
+    assert "where the time goes: t5lab xla (host ops of jit_train_step, 2 traced steps)" in p.stdout
     objs = [o for o in objs if o["kind"] != "check"]
+    prof = objs[0]["profile"]
+    assert prof["steps"] == 2 and prof["busy_ms_per_step"] > 0 and prof["categories"]["matmul"] > 0
+    assert sum(prof["categories"].values()) == pytest.approx(prof["op_ms_per_step"])
     assert [o["attention"] for o in objs[:3]] == ["xla", "flash", "nosuch"] and len(objs) == 4
     assert objs[0]["peak_flops"] > 0 and objs[0]["model_flops"] > 0
     assert objs[0]["mfu"] == objs[0]["model_flops"] / objs[0]["step_s"] / objs[0]["peak_flops"]

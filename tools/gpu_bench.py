@@ -15,6 +15,8 @@ runs out of time becomes a table row saying so; the others still run):
   3. t5lab's train step (tools/benchmark.py's batch and overrides, with
      model.dtype=bfloat16 and scanned layers) once per --attention
      implementation: compile, 2 warm-up steps, --steps timed steps, median;
+     then --profile-steps steps under jax.profiler, printed as where the
+     step's time goes (device-busy share, per category, top ops);
   4. the peer, ../shared/bench/peer_torch_t5_gpu.py (transformers' PyTorch T5
      as nanoT5 trains it: bf16 autocast, torch.compile, fused AdamW), at the
      same shape; if its compiled run fails, again with --no-compile when time
@@ -45,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
 # The device machine gets a copy of the checkout, not an installed t5lab.
 sys.path[:0] = [p for p in (ROOT, TOOLS) if p not in sys.path]
+import profile_summary  # noqa: E402  (tools/, on the path above)
 
 PEER_CANDIDATES = (os.path.join(ROOT, "..", "shared", "bench", "peer_torch_t5_gpu.py"),
                    os.path.join(ROOT, "shared", "bench", "peer_torch_t5_gpu.py"),
@@ -54,13 +57,13 @@ VERSIONS = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "
             "orbax-checkpoint", "ml-collections", "numpy", "torch", "transformers")
 GPU = dict(config="configs/t5_1_1.py:base", batch=32, inputs=512, targets=114, steps=10,
            attention="xla,cudnn", peak_n=8192, budget=470, timeout_peak=60, timeout_check=150,
-           timeout_row=90, timeout_peer=200, check="cudnn", check_cases="all")
+           timeout_row=90, timeout_peer=200, check="cudnn", check_cases="all", profile_steps=3)
 # Tiny shapes; dpa stands in for cudnn (the same jax.nn.dot_product_attention
 # call with XLA's implementation), which needs a GPU.
 SMOKE = dict(config="configs/t5_1_1.py:tiny", batch=2, inputs=32, targets=16, steps=2,
              attention="xla,dpa", peak_n=512, budget=300, timeout_peak=60, timeout_check=120,
              timeout_row=120, timeout_peer=90, check="dpa",
-             check_cases="encoder_decoder:scanned:packed,encoder_decoder:unscanned:unpacked")
+             check_cases="encoder_decoder:scanned:packed,encoder_decoder:unscanned:unpacked", profile_steps=2)
 
 
 def parse(argv):
@@ -88,6 +91,10 @@ def parse(argv):
                                          f"{d('check_cases')}")
     p.add_argument("--check", help=f"part 2: the model.attention value checked against xla {d('check')}")
     p.add_argument("--no-check", action="store_true", help="leave part 2 (the attention check) out")
+    p.add_argument("--profile-steps", type=int, help="part 3: steps traced with jax.profiler after the timed "
+                                                     f"ones, summarised per op; 0: none {d('profile_steps')}")
+    p.add_argument("--trace-dir", metavar="DIR", help="keep part 3's traces in DIR/IMPL (TensorBoard's "
+                                                     "profile plugin reads them); default: deleted")
     p.add_argument("--timeout-row", type=float, help=f"seconds per t5lab row (part 3) {d('timeout_row')}")
     p.add_argument("--timeout-peer", type=float, help=f"seconds for the peer (part 4) {d('timeout_peer')}")
     p.add_argument("--peer", help="peer script (default: the first of ../shared/bench/, shared/bench/, "
@@ -191,10 +198,33 @@ def part_t5lab(args, overrides, attention) -> dict:
         jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
-    return {"step_s": step_s, "times": times, "compile_s": compile_s, "loss": float(m["loss"]),
-            "tokens_per_s": args.batch * (args.inputs + args.targets) / step_s,
-            "model_flops": float(_model_flops(config, state["params"])),
-            "device_kind": jax.devices()[0].device_kind}
+    res = {"step_s": step_s, "times": times, "compile_s": compile_s, "loss": float(m["loss"]),
+           "tokens_per_s": args.batch * (args.inputs + args.targets) / step_s,
+           "model_flops": float(_model_flops(config, state["params"])),
+           "device_kind": jax.devices()[0].device_kind}
+    if args.profile_steps > 0:
+        # The timings first: a profiler that crashes or hangs keeps them.
+        print(RESULT + json.dumps(res), flush=True)
+        res["profile"] = profile_steps(args, attention or "default", compiled, state, batch)
+    return res
+
+
+def profile_steps(args, name, compiled, state, batch) -> dict:
+    """--profile-steps more steps under jax.profiler, summarised per op
+    (tools/profile_summary.py)."""
+    import tempfile
+    import jax
+    keep = os.path.join(args.trace_dir, name) if args.trace_dir else None
+    trace_dir = keep or tempfile.mkdtemp(prefix="gpu_bench_trace_")
+    try:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(args.profile_steps):
+                state, m = compiled(state, batch)
+            jax.block_until_ready((state, m))
+        return profile_summary.summarize(trace_dir, args.profile_steps)
+    finally:
+        if keep is None:
+            shutil.rmtree(trace_dir, ignore_errors=True)
 
 
 # Part 2's models: T5 v1.1 blocks small enough to compile in seconds, with
@@ -557,7 +587,12 @@ def main(argv=None):
         else:
             spec = impl if has_key else ""  # an old schema: its one (einsum) attention
             res, note = part(f"t5lab:{impl}", me + ["--part", f"t5lab:{spec}"], args.timeout_row)
+            if note and res and res.get("step_s"):  # timed, then the profile failed
+                note = f"profile {note}"
             row.update(res or {}, note=note or ("" if has_key else "default attention (no model.attention key)"))
+            if res and res.get("profile"):
+                print(profile_summary.summary_table(res["profile"], res["step_s"] * 1e3, f"t5lab {impl}"),
+                      flush=True)
         rows.append(row)
     flops = flops or next((r["model_flops"] for r in rows if r.get("model_flops")), None)
 
