@@ -208,7 +208,10 @@ def part_t5lab(args, overrides, attention) -> dict:
     if args.profile_steps > 0:
         # The timings first: a profiler that crashes or hangs keeps them.
         print(RESULT + json.dumps(res), flush=True)
-        res["profile"] = profile_steps(args, attention or "default", compiled, state, batch)
+        try:
+            res["profile"] = profile_steps(args, attention or "default", compiled, state, batch)
+        except Exception as e:  # noqa: BLE001  e.g. no CUPTI: the row stands without its profile
+            res["profile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return res
 
 
@@ -592,8 +595,10 @@ def main(argv=None):
         else:
             spec = impl if has_key else ""  # an old schema: its one (einsum) attention
             res, note = part(f"t5lab:{impl}", me + ["--part", f"t5lab:{spec}"], args.timeout_row)
-            if note and res and res.get("step_s"):  # timed, then the profile failed
+            if note and res and res.get("step_s"):  # timed, then the profiler crashed
                 note = f"profile {note}"
+            elif res and res.get("profile_error"):
+                note = f"profile failed: {res['profile_error']}"
             row.update(res or {}, note=note or ("" if has_key else "default attention (no model.attention key)"))
             if res and res.get("profile"):
                 print(profile_summary.summary_table(res["profile"], res["step_s"] * 1e3, f"t5lab {impl}"),
