@@ -147,7 +147,10 @@ def summary_table(s: dict, step_ms: float | None = None, title: str = "") -> str
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python tools/gpu_bench.py --trace-dir /tmp/traces   # keeps each row's trace\n"
+               "  python tools/profile_summary.py /tmp/traces/cudnn --steps 3")
     p.add_argument("trace", help="a jax.profiler.trace directory or one .xplane.pb file")
     p.add_argument("--steps", type=int, default=1, help="steps the trace holds (times are per step)")
     p.add_argument("--top", type=int, default=12, help="ops listed")
