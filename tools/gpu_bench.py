@@ -8,10 +8,10 @@ runs out of time becomes a table row saying so; the others still run):
   1. the GPU's bf16 matmul peak: a jitted n x n bf16 product, best of 5
      rounds of 10 back-to-back products; plus JAX's environment report and
      t5lab's model FLOPs per step for the config and shape;
-  2. the attention check: --check (cudnn) against xla on small T5 blocks of
-     every architecture, packed (segments and padding) and unpacked (key
-     lengths): logits and gradients in bf16, each against xla in float32;
-     printed as its own table;
+  2. the attention check (tools/attention_check.py): --check (cudnn)
+     against xla on small T5 blocks of every architecture, packed (segments
+     and padding) and unpacked (key lengths): logits and gradients in bf16,
+     each against xla in float32; printed as its own table;
   3. t5lab's train step (tools/benchmark.py's batch and overrides, with
      model.dtype=bfloat16 and scanned layers) once per --attention
      implementation: compile, 2 warm-up steps, --steps timed steps, median;
@@ -47,7 +47,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
 # The device machine gets a copy of the checkout, not an installed t5lab.
 sys.path[:0] = [p for p in (ROOT, TOOLS) if p not in sys.path]
-import profile_summary  # noqa: E402  (tools/, on the path above)
+import attention_check  # noqa: E402  (tools/, on the path above)
+import profile_summary  # noqa: E402
 
 PEER_CANDIDATES = (os.path.join(ROOT, "..", "shared", "bench", "peer_torch_t5_gpu.py"),
                    os.path.join(ROOT, "shared", "bench", "peer_torch_t5_gpu.py"),
@@ -55,6 +56,9 @@ PEER_CANDIDATES = (os.path.join(ROOT, "..", "shared", "bench", "peer_torch_t5_gp
 RESULT = "GPU_BENCH_PART "  # prefix of the one JSON line a part prints
 VERSIONS = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax",
             "orbax-checkpoint", "ml-collections", "numpy", "torch", "transformers")
+# On the H200 an attention-check case (three small compiles) takes about 20 s
+# and all six of `all` passed (docs/performance.md): the GPU default checks
+# three, leaving the budget to the speed rows and the compiled peer.
 GPU = dict(config="configs/t5_1_1.py:base", batch=32, inputs=512, targets=114, steps=10,
            attention="xla,cudnn", peak_n=8192, budget=470, timeout_peak=60, timeout_check=100,
            timeout_row=90, timeout_peer=200, check="cudnn", check_cases=",".join(
@@ -113,6 +117,10 @@ def parse(argv):
     for k, v in (SMOKE if args.cpu_smoke else GPU).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    try:  # before any part runs
+        attention_check.parse_cases(args.check_cases)
+    except ValueError as e:
+        p.error(f"--check-cases: {e}")
     return args, [a[len("--config."):] for a in rest]
 
 
@@ -233,149 +241,12 @@ def profile_steps(args, name, compiled, state, batch) -> dict:
             shutil.rmtree(trace_dir, ignore_errors=True)
 
 
-# Part 2's models: T5 v1.1 blocks small enough to compile in seconds, with
-# head_dim and lengths that cuDNN's fused kernel takes (multiples of 8).
-CHECK_ARCHS = {
-    "encoder_decoder": dict(arch="encoder_decoder"),
-    "decoder": dict(arch="decoder", position="rope", activation="silu"),
-    "encoder": dict(arch="encoder", tie_embeddings=True, relpos_per_layer=True),
-}
-CHECK_MODEL = dict(d_model=128, num_heads=4, head_dim=32, d_ff=256, vocab_size=512, num_layers=2,
-                   relpos_buckets=32, relpos_max_distance=128, dropout_rate=0.0)
-
-
-# The attention call does not change with scanning (the suite checks dpa both
-# ways), so `all` is every architecture packed and unpacked, unscanned. On the
-# H200 a case (three small compiles) takes about 20 s and all six passed
-# (docs/performance.md), so the GPU default checks three, leaving the budget
-# to the speed rows and the compiled peer.
-CHECK_ALL = ("encoder_decoder:unscanned:packed,decoder:unscanned:packed,encoder:unscanned:packed,"
-             "encoder_decoder:unscanned:unpacked,decoder:unscanned:unpacked,encoder:unscanned:unpacked")
-
-
-def check_cases(spec: str) -> list[tuple[str, bool, bool]]:
-    """(arch, scanned, packed) per ARCH:scanned|unscanned[:packed|unpacked] item."""
-    cases = []
-    for item in (CHECK_ALL if spec == "all" else spec).split(","):
-        arch, scan, packing = (item.strip().split(":") + ["packed"])[:3]
-        if arch not in CHECK_ARCHS or scan not in ("scanned", "unscanned") or packing not in ("packed", "unpacked"):
-            raise SystemExit(f"--check-cases: {item!r} is not ARCH:scanned|unscanned[:packed|unpacked] "
-                             f"with ARCH one of {', '.join(CHECK_ARCHS)}")
-        cases.append((arch, scan == "scanned", packing == "packed"))
-    return cases
-
-
-def check_batch(arch: str, enc: int, dec: int, packed: bool, rows: int = 4, seed: int = 0) -> dict:
-    """Packed: per row two or three segments and trailing padding, decoder-only
-    rows with a prefix-LM prefix (the UL2 batch's features); an
-    encoder-decoder row has the same segments in both streams, as packing
-    makes them (a target with no inputs would be a query that sees no key).
-    Unpacked: one example per row and no segment features."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    counts = rng.integers(2, 4, rows)
-
-    def fill(width):
-        toks, seg, pos = (np.zeros((rows, width), np.int32) for _ in range(3))
-        for r, count in enumerate(counts):
-            # count segments of at least one token over 60-90% of the row
-            cuts = np.sort(rng.choice(np.arange(2, int(width * 0.9) - 1), count - 1, replace=False))
-            bounds = [0, *cuts, int(width * rng.uniform(0.6, 0.9))]
-            bounds[-1] = max(bounds[-1], bounds[-2] + 2)
-            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-                toks[r, a:b] = rng.integers(2, CHECK_MODEL["vocab_size"], b - a)
-                seg[r, a:b], pos[r, a:b] = i + 1, np.arange(b - a)
-        return toks, seg, pos
-
-    if not packed:  # one example per row, padded at the end
-        counts[:] = 1
-    if arch == "encoder_decoder":
-        (et, es, ep), (dt, ds, dp) = fill(enc), fill(dec)
-        if not packed:
-            return dict(encoder_input_tokens=et, decoder_input_tokens=dt)
-        return dict(encoder_input_tokens=et, encoder_segment_ids=es, encoder_positions=ep,
-                    decoder_input_tokens=dt, decoder_segment_ids=ds, decoder_positions=dp)
-    key = "encoder" if arch == "encoder" else "decoder"
-    t, s, p = fill(enc)
-    if not packed:
-        return {f"{key}_input_tokens": t}
-    out = {f"{key}_input_tokens": t, f"{key}_segment_ids": s, f"{key}_positions": p}
-    if arch == "decoder":
-        out["decoder_causal_attention"] = ((p < enc // 8) & (s > 0)).astype(np.int32)
-    return out
-
-
 def part_check(args, impl: str) -> dict:
-    """`impl` against `xla` on every case: logits and the gradients of a loss
-    on the valid positions, both in bf16 compute, each measured against
-    `xla` in float32 (max |a - ref| / max |ref|, per leaf, worst leaf). `impl`
-    passes where its error is at most twice bf16 `xla`'s own plus 1e-3.
-    Prints the cases done so far after each case."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from t5lab import models
-    from t5lab.config import schema, validate
-
+    """tools/attention_check.py's cases; prints the cases done so far after
+    each one, so a timeout keeps them (the parent reads the last)."""
     enc, dec = (24, 16) if args.cpu_smoke else (128, 64)
-
-    def config(arch, scan, attention, dtype):
-        c = schema()
-        c.model.update(dict(CHECK_MODEL, **CHECK_ARCHS[arch], scan_layers=scan, attention=attention,
-                            dtype=dtype))
-        c.data.inputs_length, c.data.targets_length = enc, dec
-        return validate(c)
-
-    def run(cfg, params, batch, valid):
-        model = models.build(cfg)
-
-        def loss(p):
-            logits = model.apply({"params": p}, batch)
-            return jnp.sum(jnp.where(valid[..., None], logits, 0.0) ** 2) / valid.sum(), logits
-
-        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-        return np.asarray(logits, np.float32)[valid], [np.asarray(g, np.float32) for g in jax.tree.leaves(grads)]
-
-    def err(a, ref):
-        return float(np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-30))
-
-    rows = []
-    for arch, scan, packed in check_cases(args.check_cases):
-        row = dict(arch=arch, scanned=scan, packed=packed, impl=impl)
-        try:
-            ref_cfg = config(arch, scan, "xla", "float32")
-            model = models.build(ref_cfg)
-            from flax import linen as nn
-            params = nn.unbox(jax.jit(model.init)(jax.random.key(0), models.dummy_batch(ref_cfg, 1))["params"])
-            batch = check_batch(arch, enc, dec, packed)
-            valid = batch["encoder_input_tokens" if arch == "encoder" else "decoder_input_tokens"] > 0
-            ref_l, ref_g = run(ref_cfg, params, batch, valid)
-            for name, attention in (("xla", "xla"), ("impl", impl)):
-                l, g = run(config(arch, scan, attention, "bfloat16"), params, batch, valid)
-                row[f"{name}_logits"] = err(l, ref_l)
-                row[f"{name}_grads"] = max(err(a, r) for a, r in zip(g, ref_g))
-            row["ok"] = all(row[f"impl_{k}"] <= 2 * row[f"xla_{k}"] + 1e-3 for k in ("logits", "grads"))
-        except Exception as e:  # noqa: BLE001  one case's failure is a row
-            row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-        rows.append(row)
-        res = {"cases": rows, "lengths": [enc, dec], "device_kind": jax.devices()[0].device_kind}
-        print(RESULT + json.dumps(res), flush=True)  # the parent reads the last: a timeout keeps these
-    return res
-
-
-def check_table(res) -> str:
-    out = [f"attention check ({res['device_kind']}, inputs {res['lengths'][0]}, targets {res['lengths'][1]}; "
-           "error against xla float32, max |a - ref| / max |ref|, worst leaf for the gradients)",
-           "| arch | layers | rows | implementation | logits: bf16 xla | logits: impl | grads: bf16 xla "
-           "| grads: impl | equal |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for r in res["cases"]:
-        cells = [fmt(r.get(k), ".2e") for k in ("xla_logits", "impl_logits", "xla_grads", "impl_grads")]
-        verdict = "yes" if r["ok"] else ("no" if "error" not in r else f"failed: {r['error']}")
-        out.append(f"| {r['arch']} | {'scanned' if r['scanned'] else 'unscanned'} | "
-                   f"{'packed' if r['packed'] else 'unpacked'} | {r['impl']} | "
-                   + " | ".join(cells) + f" | {verdict} |")
-    return "\n".join(out)
+    return attention_check.run(impl, attention_check.parse_cases(args.check_cases), enc, dec,
+                               on_case=lambda res: print(RESULT + json.dumps(res), flush=True))
 
 
 def run_part(args, overrides):
@@ -574,7 +445,7 @@ def main(argv=None):
         check_res, check_note = part(f"check:{args.check}", me + ["--part", f"check:{args.check}"],
                                      args.timeout_check)
         if check_res:  # all cases, or those done before a timeout (the note says)
-            print(check_table(check_res) + (f"\nattention check: {check_note}" if check_note else ""),
+            print(attention_check.table(check_res) + (f"\nattention check: {check_note}" if check_note else ""),
                   flush=True)
             check_rows = [dict(kind="check", **c) for c in check_res["cases"]]
         else:
