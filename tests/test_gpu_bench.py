@@ -27,15 +27,16 @@ def _number(cell: str) -> float:
 
 def test_cpu_smoke_prints_every_row_and_a_failing_row_does_not_stop_it(tmp_path):
     rows_file = tmp_path / "rows.jsonl"
-    # flash (a TPU kernel) fails inside its part on the CPU; nosuch is refused up front.
-    p = subprocess.run([sys.executable, "tools/gpu_bench.py", "--cpu-smoke", "--attention", "xla,flash,nosuch",
+    # flash (a TPU kernel) fails inside its part on the CPU, with the maxtext XLA
+    # flag set added to its environment; nosuch is refused up front.
+    p = subprocess.run([sys.executable, "tools/gpu_bench.py", "--cpu-smoke", "--attention", "xla,flash@maxtext,nosuch",
                         "--json", str(rows_file), "--log-dir", str(tmp_path / "logs")],
                        cwd=ROOT, capture_output=True, text=True, timeout=420)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "Traceback" not in p.stdout
     rows = _table(p.stdout)
     names = [(r[0], r[1]) for r in rows]
-    assert names[:3] == [("t5lab", "xla"), ("t5lab", "flash"), ("t5lab", "nosuch")]
+    assert names[:3] == [("t5lab", "xla"), ("t5lab", "flash@maxtext"), ("t5lab", "nosuch")]
     assert "failed" in rows[1][-1] and "TPU kernel" in rows[1][-1]
     assert rows[2][-1].startswith("not available")
     has_peer = os.path.isfile(PEER)
@@ -72,7 +73,19 @@ def test_cpu_smoke_prints_every_row_and_a_failing_row_does_not_stop_it(tmp_path)
     prof = objs[0]["profile"]
     assert prof["steps"] == 2 and prof["busy_ms_per_step"] > 0 and prof["categories"]["matmul"] > 0
     assert sum(prof["categories"].values()) == pytest.approx(prof["op_ms_per_step"])
-    assert [o["attention"] for o in objs[:3]] == ["xla", "flash", "nosuch"] and len(objs) == 4
+    assert [o["attention"] for o in objs[:3]] == ["xla", "flash@maxtext", "nosuch"] and len(objs) == 4
     assert objs[0]["peak_flops"] > 0 and objs[0]["model_flops"] > 0
     assert objs[0]["mfu"] == objs[0]["model_flops"] / objs[0]["step_s"] / objs[0]["peak_flops"]
-    assert {"peak.log", "t5lab_xla.log", "t5lab_flash.log"} <= set(os.listdir(tmp_path / "logs"))
+    assert {"peak.log", "t5lab_xla.log", "t5lab_flash_maxtext.log"} <= set(os.listdir(tmp_path / "logs"))
+
+
+def test_a_flag_set_row_adds_its_xla_flags_and_an_unknown_set_is_refused(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import gpu_bench
+    env = gpu_bench.row_env({"XLA_FLAGS": "--xla_dump_to=/tmp/d", "A": "1"}, "maxtext")
+    assert env["A"] == "1" and env["XLA_FLAGS"].startswith("--xla_dump_to=/tmp/d --xla_gpu_")
+    assert "--xla_gpu_enable_triton_gemm=false" in env["XLA_FLAGS"]
+    assert gpu_bench.row_env({"A": "1"}, "") == {"A": "1"}
+    with pytest.raises(SystemExit) as e:
+        gpu_bench.parse(["--attention", "xla,cudnn@fast"])
+    assert e.value.code == 2 and "cudnn@fast" in capsys.readouterr().err

@@ -56,11 +56,19 @@ PEER_CANDIDATES = (os.path.join(ROOT, "..", "shared", "bench", "peer_torch_t5_gp
 RESULT = "GPU_BENCH_PART "  # prefix of the one JSON line a part prints
 VERSIONS = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax",
             "orbax-checkpoint", "ml-collections", "numpy", "torch", "transformers")
+# Named XLA flag sets a t5lab row can add (--attention IMPL@SET): `maxtext` is
+# the single-GPU part of MaxText's tuned GPU flags (its A3 XLA_FLAGS without
+# the collective combining and pipelining ones, which need several GPUs).
+XLA_FLAG_SETS = {
+    "maxtext": ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false "
+                "--xla_gpu_enable_highest_priority_async_stream=true "
+                "--xla_gpu_enable_while_loop_double_buffering=true"),
+}
 # On the H200 an attention-check case (three small compiles) takes about 20 s
 # and all six of `all` passed (docs/performance.md): the GPU default checks
 # three, leaving the budget to the speed rows and the compiled peer.
 GPU = dict(config="configs/t5_1_1.py:base", batch=32, inputs=512, targets=114, steps=10,
-           attention="xla,cudnn", peak_n=8192, budget=470, timeout_peak=60, timeout_check=100,
+           attention="xla,cudnn,cudnn@maxtext", peak_n=8192, budget=470, timeout_peak=60, timeout_check=100,
            timeout_row=90, timeout_peer=200, check="cudnn", check_cases=",".join(
                f"{a}:unscanned:{p}" for a, p in (("encoder_decoder", "packed"), ("encoder_decoder", "unpacked"),
                                                  ("decoder", "packed"))),
@@ -88,7 +96,8 @@ def parse(argv):
     p.add_argument("--inputs", type=int, help=f"encoder tokens per row {d('inputs')}")
     p.add_argument("--targets", type=int, help=f"decoder tokens per row {d('targets')}")
     p.add_argument("--steps", type=int, help=f"timed steps per row {d('steps')}")
-    p.add_argument("--attention", help=f"t5lab rows: model.attention values, comma separated {d('attention')}")
+    p.add_argument("--attention", help="t5lab rows: model.attention values, comma separated; IMPL@SET adds "
+                                       f"the XLA flag set SET ({', '.join(XLA_FLAG_SETS)}) {d('attention')}")
     p.add_argument("--peak-n", type=int, help=f"matmul size for the bf16 peak {d('peak_n')}")
     p.add_argument("--budget", type=float, help=f"seconds for the whole run {d('budget')}")
     p.add_argument("--timeout-peak", type=float, help=f"seconds for part 1 {d('timeout_peak')}")
@@ -121,6 +130,10 @@ def parse(argv):
         attention_check.parse_cases(args.check_cases)
     except ValueError as e:
         p.error(f"--check-cases: {e}")
+    for item in args.attention.split(","):
+        flag_set = item.partition("@")[2].strip()
+        if flag_set and flag_set not in XLA_FLAG_SETS:
+            p.error(f"--attention: {item.strip()!r}: no XLA flag set {flag_set!r} (known: {', '.join(XLA_FLAG_SETS)})")
     return args, [a[len("--config."):] for a in rest]
 
 
@@ -177,7 +190,7 @@ def model_flops(args, overrides) -> float:
     return float(_model_flops(config, prog.abstract_state["params"]))
 
 
-def part_t5lab(args, overrides, attention) -> dict:
+def part_t5lab(args, overrides, attention, label="default") -> dict:
     import jax
     import numpy as np
     from benchmark import random_batch
@@ -217,7 +230,7 @@ def part_t5lab(args, overrides, attention) -> dict:
         # The timings first: a profiler that crashes or hangs keeps them.
         print(RESULT + json.dumps(res), flush=True)
         try:
-            res["profile"] = profile_steps(args, attention or "default", compiled, state, batch)
+            res["profile"] = profile_steps(args, label, compiled, state, batch)
         except Exception as e:  # noqa: BLE001  e.g. no CUPTI: the row stands without its profile
             res["profile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return res
@@ -259,7 +272,8 @@ def run_part(args, overrides):
     elif name.startswith("check:"):
         out = part_check(args, name.split(":", 1)[1])
     elif name.startswith("t5lab:"):
-        out = part_t5lab(args, overrides, name.split(":", 1)[1] or None)
+        item = name.split(":", 1)[1]  # IMPL or IMPL@SET (the parent set XLA_FLAGS)
+        out = part_t5lab(args, overrides, item.partition("@")[0] or None, item.replace("@", "_"))
     else:
         raise SystemExit(f"unknown part {name!r}")
     print(RESULT + json.dumps(out), flush=True)
@@ -314,6 +328,13 @@ def why_failed(rc, out, err, timeout) -> str:
     return f"failed (rc {rc}): {reason[:300]}"
 
 
+def row_env(env: dict, flag_set: str) -> dict:
+    """`env` with the flag set's XLA flags after the caller's own."""
+    if not flag_set:
+        return env
+    return dict(env, XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} {XLA_FLAG_SETS[flag_set]}".strip())
+
+
 def child_env(args) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.cpu_smoke:
@@ -366,14 +387,14 @@ def environment_lines() -> list[str]:
     return lines
 
 
-def attention_support(args, overrides) -> tuple[bool, tuple]:
-    """Whether the schema has model.attention (being added while this tool
-    was written) and which values it takes."""
+def attention_values() -> tuple:
+    """The model.attention values t5lab takes (empty if its config will not
+    import: the rows then report why)."""
     try:
         from t5lab import config as config_lib
-        return "attention" in config_lib.schema().model, tuple(getattr(config_lib, "ATTENTIONS", ()))
-    except Exception:  # noqa: BLE001  the t5lab rows will report why
-        return True, ()
+        return tuple(config_lib.ATTENTIONS)
+    except Exception:  # noqa: BLE001
+        return ()
 
 
 def fmt(x, spec):
@@ -410,14 +431,15 @@ def main(argv=None):
     me = [sys.executable, os.path.abspath(__file__)] + (sys.argv[1:] if argv is None else list(argv))
     print("\n".join(environment_lines()), flush=True)
 
-    def part(name, cmd, own_timeout, plain_json=False):
+    def part(name, cmd, own_timeout, plain_json=False, part_env=None):
         left = deadline - time.monotonic()
         if left < 15:
             return None, f"skipped: {args.budget:.0f} s budget spent"
         timeout = min(own_timeout, left)
         t = time.monotonic()
-        log = os.path.join(args.log_dir, name.replace(":", "_") + ".log") if args.log_dir else None
-        rc, out, err = run_child(cmd, timeout, env, log)
+        log = (os.path.join(args.log_dir, name.replace(":", "_").replace("@", "_") + ".log")
+               if args.log_dir else None)
+        rc, out, err = run_child(cmd, timeout, part_env or env, log)
         result = next((json.loads(l[len(RESULT):]) for l in reversed(out.splitlines())
                        if l.startswith(RESULT)), None)
         if rc == 0 and result is None and plain_json:  # the peer's one JSON line
@@ -454,25 +476,24 @@ def main(argv=None):
 
     # 3. t5lab rows
     rows = []
-    has_key, values = attention_support(args, overrides)
-    for i, impl in enumerate(a.strip() for a in args.attention.split(",") if a.strip()):
-        row = {"kind": "t5lab", "name": "t5lab", "attention": impl}
+    values = attention_values()
+    for item in (a.strip() for a in args.attention.split(",") if a.strip()):
+        impl, _, flag_set = (x.strip() for x in item.partition("@"))
+        row = {"kind": "t5lab", "name": "t5lab", "attention": item}
         if no_gpu:
             row["note"] = f"skipped: JAX sees no GPU (backend {peak_res['backend']}; see the report above)"
-        elif not has_key and i > 0:
-            row["note"] = "not available: t5lab/config.py has no model.attention yet"
         elif values and impl not in values:
             row["note"] = f"not available: model.attention takes {', '.join(values)}"
         else:
-            spec = impl if has_key else ""  # an old schema: its one (einsum) attention
-            res, note = part(f"t5lab:{impl}", me + ["--part", f"t5lab:{spec}"], args.timeout_row)
+            res, note = part(f"t5lab:{item}", me + ["--part", f"t5lab:{item}"], args.timeout_row,
+                             part_env=row_env(env, flag_set))
             if note and res and res.get("step_s"):  # timed, then the profiler crashed
                 note = f"profile {note}"
             elif res and res.get("profile_error"):
                 note = f"profile failed: {res['profile_error']}"
-            row.update(res or {}, note=note or ("" if has_key else "default attention (no model.attention key)"))
+            row.update(res or {}, note=note or (f"XLA_FLAGS += {XLA_FLAG_SETS[flag_set]}" if flag_set else ""))
             if res and res.get("profile"):
-                print(profile_summary.summary_table(res["profile"], res["step_s"] * 1e3, f"t5lab {impl}"),
+                print(profile_summary.summary_table(res["profile"], res["step_s"] * 1e3, f"t5lab {item}"),
                       flush=True)
         rows.append(row)
     flops = flops or next((r["model_flops"] for r in rows if r.get("model_flops")), None)
