@@ -491,7 +491,7 @@ def main(argv=None):
                 note = f"profile {note}"
             elif res and res.get("profile_error"):
                 note = f"profile failed: {res['profile_error']}"
-            row.update(res or {}, note=note or (f"XLA_FLAGS += {XLA_FLAG_SETS[flag_set]}" if flag_set else ""))
+            row.update(res or {}, note=note or (f"XLA flag set {flag_set}" if flag_set else ""))
             if res and res.get("profile"):
                 print(profile_summary.summary_table(res["profile"], res["step_s"] * 1e3, f"t5lab {item}"),
                       flush=True)
