@@ -131,7 +131,7 @@ def parse(argv):
     except ValueError as e:
         p.error(f"--check-cases: {e}")
     for item in args.attention.split(","):
-        flag_set = item.partition("@")[2].strip()
+        flag_set = split_item(item)[1]
         if flag_set and flag_set not in XLA_FLAG_SETS:
             p.error(f"--attention: {item.strip()!r}: no XLA flag set {flag_set!r} (known: {', '.join(XLA_FLAG_SETS)})")
     return args, [a[len("--config."):] for a in rest]
@@ -190,7 +190,7 @@ def model_flops(args, overrides) -> float:
     return float(_model_flops(config, prog.abstract_state["params"]))
 
 
-def part_t5lab(args, overrides, attention, label="default") -> dict:
+def part_t5lab(args, overrides, attention, label: str) -> dict:
     import jax
     import numpy as np
     from benchmark import random_batch
@@ -273,7 +273,7 @@ def run_part(args, overrides):
         out = part_check(args, name.split(":", 1)[1])
     elif name.startswith("t5lab:"):
         item = name.split(":", 1)[1]  # IMPL or IMPL@SET (the parent set XLA_FLAGS)
-        out = part_t5lab(args, overrides, item.partition("@")[0] or None, item.replace("@", "_"))
+        out = part_t5lab(args, overrides, split_item(item)[0] or None, item.replace("@", "_"))
     else:
         raise SystemExit(f"unknown part {name!r}")
     print(RESULT + json.dumps(out), flush=True)
@@ -326,6 +326,12 @@ def why_failed(rc, out, err, timeout) -> str:
     if "No module named" in reason:
         reason += " (carry its wheel: bash tools/gpu_bench.sh prepare)"
     return f"failed (rc {rc}): {reason[:300]}"
+
+
+def split_item(item: str) -> tuple[str, str]:
+    """An --attention item IMPL or IMPL@SET as (IMPL, SET or "")."""
+    impl, _, flag_set = item.partition("@")
+    return impl.strip(), flag_set.strip()
 
 
 def row_env(env: dict, flag_set: str) -> dict:
@@ -478,7 +484,7 @@ def main(argv=None):
     rows = []
     values = attention_values()
     for item in (a.strip() for a in args.attention.split(",") if a.strip()):
-        impl, _, flag_set = (x.strip() for x in item.partition("@"))
+        impl, flag_set = split_item(item)
         row = {"kind": "t5lab", "name": "t5lab", "attention": item}
         if no_gpu:
             row["note"] = f"skipped: JAX sees no GPU (backend {peak_res['backend']}; see the report above)"
