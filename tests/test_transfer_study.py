@@ -23,7 +23,7 @@ LABELS = ("(i) source tokenizer", "(ii) new tokenizer, random", "(iii) new token
           "(iv) new tokenizer, fvt", "(v) --extend + fvt", "(iv) fvt + replay of A")
 
 
-def german_pages(d, n=24, seed=0):
+def german_pages(d, n=40, seed=0):
     """Man-page-like German documents, where no German man pages are installed."""
     words = ("der die das und ist nicht mit für über wird Datei Option Befehl Verzeichnis Benutzer "
              "Einstellung angegeben werden Programm Ausgabe Eingabe Zeile Standard").split()

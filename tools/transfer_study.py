@@ -76,7 +76,8 @@ ARMS = (  # name, label, transfer method (None: the source directory), extend, r
 )
 SMOKE = dict(vocab_a=512, vocab_b=512, tok_chars=150_000, source_steps=6, steps=4, eval_every=2,
              d_model=32, d_ff=64, num_layers=1, num_heads=2, head_dim=16, batch_size=4, length=32,
-             eval_bytes_b=2500, eval_bytes_a=1500, eval_doc_bytes=800, max_docs_b=24)
+             eval_bytes_b=2500, eval_bytes_a=1500, eval_doc_bytes=800, max_docs_b=40,
+             eval_fraction=0.25)
 
 
 def parse_args(argv=None):
@@ -111,8 +112,8 @@ def parse_args(argv=None):
       "source's peak, as Gupta et al. re-warm; configs/continue.py's 1e-3 is for 20k-step runs)")
     a("--replay", type=float, default=0.05, help="A's expected share of the bytes in the replay arm's "
       "mixture (data.mixture's document weights are set from the mean document sizes; default %(default)s)")
-    a("--eval_fraction", type=float, default=0.1, help="held-out share of A and B documents "
-      "(data.eval_fraction; default %(default)s)")
+    a("--eval_fraction", type=float, default=None, help="held-out share of A and B documents "
+      "(data.eval_fraction; default 0.1)")
     a("--eval_bytes_b", type=int, default=None, help="bytes of B eval text (default 48000)")
     a("--eval_bytes_a", type=int, default=None, help="bytes of A eval text (default 24000)")
     a("--eval_doc_bytes", type=int, default=None, help="at most this prefix of an eval document (default 3000)")
@@ -123,7 +124,7 @@ def parse_args(argv=None):
     defaults = dict(vocab_a=2048, vocab_b=2048, tok_chars=3_000_000, source_steps=600, steps=240,
                     eval_every=20, d_model=128, d_ff=384, num_layers=2, num_heads=4, head_dim=32,
                     batch_size=16, length=128, eval_bytes_b=48_000, eval_bytes_a=24_000,
-                    eval_doc_bytes=3000, max_docs_b=0)
+                    eval_doc_bytes=3000, max_docs_b=0, eval_fraction=0.1)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, SMOKE[k] if args.smoke else v)
@@ -417,6 +418,8 @@ def eval_docs(cfg, max_bytes: int, doc_bytes: int) -> list[str]:
             break
         docs.append(cut_prefix(text, cap))
         total += len(docs[-1].encode("utf-8"))
+    if not docs:
+        raise SystemExit(f"transfer_study: the eval split of {cfg.data.source} has only empty documents")
     return docs
 
 
@@ -505,6 +508,9 @@ def main(argv=None):
     cfg_b = load_config("configs/t5_1_1.py:small", overrides(args, **data_b))
     tok_a = train_tokenizer(cfg_a, os.path.join(wd, "tok_a.model"), args.vocab_a, args.tok_chars)
     tok_b = train_tokenizer(cfg_b, os.path.join(wd, "tok_b.model"), args.vocab_b, args.tok_chars)
+    # The eval documents now: a split without any stops the study before training.
+    eval_text_b = eval_docs(cfg_b, args.eval_bytes_b, args.eval_doc_bytes)
+    eval_text_a = eval_docs(cfg_a, args.eval_bytes_a, args.eval_doc_bytes)
     phase("corpora and tokenizers", t0)
 
     # ---- the source model on A, exported
@@ -545,8 +551,8 @@ def main(argv=None):
                       if os.path.isfile(os.path.join(d, f))) for n, d in dirs.items()}
     toks = [tok_lib.Tokenizer(p) for p in sorted(set(spm_of.values()))]
     max_tokens = args.length - 1  # the decoder rows the models trained on end with EOS
-    ev_b = EvalSet("B", eval_docs(cfg_b, args.eval_bytes_b, args.eval_doc_bytes), toks, max_tokens)
-    ev_a = EvalSet("A", eval_docs(cfg_a, args.eval_bytes_a, args.eval_doc_bytes), toks, max_tokens)
+    ev_b = EvalSet("B", eval_text_b, toks, max_tokens)
+    ev_a = EvalSet("A", eval_text_a, toks, max_tokens)
     with open(os.path.join(wd, "eval_sets.json"), "w") as f:
         json.dump({"inputs_length": args.length, "objective": args.objective,
                    "sets": [ev_b.to_json(), ev_a.to_json()]}, f)
