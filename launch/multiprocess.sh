@@ -40,8 +40,10 @@ port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)
 pids=()
 prefixers=()
 # Gloo (the CPU collectives) prints a line per rank and communicator when its
-# peers connect; T5LAB_SHOW_GLOO=1 keeps them.
-quiet='/^\[Gloo\] Rank [0-9]* is connected to [0-9]* peer ranks/d'
+# peers connect; T5LAB_SHOW_GLOO=1 keeps them. Two of its threads can write
+# at once, splitting one line into two fragments ("[Gloo] Rank [Gloo] Rank 0
+# is connected..." then "0 is connected..."), so any line with either part goes.
+quiet='/\[Gloo\] Rank\|is connected to [0-9]* peer ranks/d'
 [[ "${T5LAB_SHOW_GLOO:-0}" == 1 ]] && quiet=''
 for ((i = 0; i < num; i++)); do
   exec {log}> >(sed -u -e "$quiet" -e "s/^/[$i] /")

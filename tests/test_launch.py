@@ -218,6 +218,19 @@ def test_usage_errors():
     assert proc.returncode == 2 and "T5LAB_DEVICES_PER_PROCESS" in proc.stderr
 
 
+def test_gloo_filter_drops_split_lines():
+    """Two Gloo threads writing at once split a connection line in two (seen
+    under a loaded suite); both fragments go, the trainer's lines stay."""
+    import re
+    script = open(os.path.join(ROOT, "launch", "multiprocess.sh")).read()
+    quiet = re.search(r"^quiet='(.*)'$", script, re.M).group(1)
+    gloo = "is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"
+    text = (f"[Gloo] Rank [Gloo] Rank 0 {gloo}\n0 {gloo}\n[Gloo] Rank 1 {gloo}\n"
+            "t5lab: encoder_decoder model\nstep 1 loss 5.0\n")
+    out = subprocess.run(["sed", "-e", quiet], input=text, capture_output=True, text=True).stdout
+    assert out == "t5lab: encoder_decoder model\nstep 1 loss 5.0\n"
+
+
 @pytest.mark.parametrize("script", ["local.sh", "multiprocess.sh", "tpu_vm.sh", "slurm.sbatch"])
 def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", os.path.join(ROOT, "launch", script)]).returncode == 0
