@@ -48,14 +48,16 @@ def _valid(arch, batch):
 
 
 def _loss_and_grads(config, params, batch, valid):
+    """(logits, gradients of a loss on the valid positions), from one compiled
+    program (a compile is most of a case's time on the CPU)."""
     model = models.build(config)
 
     def loss(p):
         logits = model.apply({"params": p}, batch)
-        return jnp.sum(jnp.where(valid[..., None], logits, 0.0) ** 2) / 100
+        return jnp.sum(jnp.where(valid[..., None], logits, 0.0) ** 2) / 100, logits
 
-    logits = jax.jit(lambda p: model.apply({"params": p}, batch))(params)
-    return np.asarray(logits), jax.jit(jax.grad(loss))(params)
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return np.asarray(logits), grads
 
 
 # Every architecture scanned and unscanned for dpa; the flash kernel runs in

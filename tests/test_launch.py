@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import xla_flags
+
 # One worker runs them all, one after another: Gloo gives up on a peer that
 # is 30 s late to connect, which two concurrent 2-process runs on 2 cores can be.
 pytestmark = pytest.mark.xdist_group("multiprocess")
@@ -40,7 +42,7 @@ def _losses(workdir):
 def _train(processes: int, workdir: str, *extra):
     if processes == 1:
         cmd = [sys.executable, "-m", "t5lab.cli", "train"]
-        env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        env = _env(XLA_FLAGS=xla_flags(8))
     else:
         cmd, env = ["launch/multiprocess.sh", str(processes)], _env()
     proc = subprocess.run([*cmd, *TRAIN_ARGS, "--workdir", workdir, *extra], cwd=ROOT, env=env,
@@ -155,7 +157,7 @@ def test_slurm_run_stopped_on_two_tasks_resumes_on_one_process_scanned(tmp_path)
     scan = "--config.model.scan_layers=true"
     env = _env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_SRUN_LOGS=str(tmp_path),
                SLURM_JOB_ID=str(job_id), SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=xla_flags(4))
     proc = subprocess.run(["bash", "launch/slurm.sbatch", *TRAIN_ARGS, "--workdir", workdir,
                            "--config.train.stop_at_step=2", scan],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -11,13 +11,14 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from t5lab import checkpointing, config as config_lib, train
 
 TINY = ["--config", "configs/t5_1_1.py:tiny", "--config.train.eval_every=0", "--config.train.log_every=1"]
 
 
 def t5lab(*args, **kw):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
     return subprocess.Popen([sys.executable, "-m", "t5lab.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, **kw)
 

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from conftest import xla_flags
+
 # One worker runs this file's tests: they share one (module-scoped) study run.
 pytestmark = pytest.mark.xdist_group("transfer_study")
 
@@ -44,7 +46,7 @@ def study(tmp_path_factory):
         pages.mkdir()
         corpus = "text:" + german_pages(pages)
     env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    env["XLA_FLAGS"] = xla_flags(None)
     env["JAX_PLATFORMS"] = "cpu"
     out = d / "study.json"
     t0 = time.time()
