@@ -59,12 +59,13 @@ def test_cpu_smoke_prints_every_row_and_a_failing_row_does_not_stop_it(tmp_path)
     # The attention check (dpa for cudnn on the CPU) prints its own table first.
     check = p.stdout[p.stdout.index("attention check ("):p.stdout.index("bf16 matmul peak:")]
     check_rows = [l for l in check.splitlines() if l.startswith("| encoder_decoder |")]
-    assert len(check_rows) == 2 and all(l.rstrip().endswith("| yes |") for l in check_rows), check
+    # one case on the CPU (tests/test_attention.py covers dpa on every kind of row)
+    assert len(check_rows) == 1 and check_rows[0].rstrip().endswith("| yes |"), check
 
     # --json: one object per row, agreeing with the tables.
     objs = [json.loads(line) for line in rows_file.read_text().splitlines()]
     checks = [o for o in objs if o["kind"] == "check"]
-    assert [(c["packed"], c["ok"]) for c in checks] == [(True, True), (False, True)]
+    assert [(c["packed"], c["ok"]) for c in checks] == [(True, True)]
     for c in checks:  # dpa within bf16 rounding of float32 xla, as bf16 xla is
         assert 0 < c["impl_logits"] < 0.05 and 0 < c["impl_grads"] < 0.15, c
     # Part 3's profile: a table per t5lab row from its own jax.profiler trace.

@@ -78,7 +78,7 @@ GPU = dict(config="configs/t5_1_1.py:base", batch=32, inputs=512, targets=114, s
 SMOKE = dict(config="configs/t5_1_1.py:tiny", batch=2, inputs=32, targets=16, steps=2,
              attention="xla,dpa", peak_n=512, budget=300, timeout_peak=60, timeout_check=120,
              timeout_row=120, timeout_peer=90, check="dpa",
-             check_cases="encoder_decoder:scanned:packed,encoder_decoder:unscanned:unpacked", profile_steps=2)
+             check_cases="encoder_decoder:scanned:packed", profile_steps=2)
 
 
 def parse(argv):
